@@ -1,0 +1,283 @@
+"""Typed configuration assembled from ``params.yaml``.
+
+``params.yaml`` is the one config source: DVC tracks its sections as stage
+params, flows and the CLI validate it into the frozen models below. A profile
+(``profiles.<name>`` in the file) overlays the base sections; CLI flags overlay
+both as dotted overrides (``federate.rounds=3``). Endpoints and credentials are
+never in this file: :class:`Runtime` reads them from the environment when asked,
+never at import time.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from components.data import DATASETS, PrepareSettings
+from components.models import ModelSpec, available_models
+from components.training import TrainSettings
+
+DEFAULT_PROFILE = "default"
+
+
+class ConfigError(ValueError):
+    """params.yaml (or an override) is missing, malformed or invalid."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DataConfig(_Section):
+    """The ``data`` section: what the ``prepare`` stage writes."""
+
+    dataset: str = "fashion-mnist"
+    raw_dir: str | None = None
+    num_clients: int = Field(10, ge=2)
+    alpha: float = Field(0.5, gt=0)
+    shots: int = Field(16, ge=1)
+    min_client_examples: int = Field(10, ge=1)
+    max_train_examples: int | None = Field(None, ge=1)
+    test_size: int | None = Field(None, ge=1)
+    seed: int = 42
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, value: str) -> str:
+        if value not in DATASETS:
+            raise ValueError(f"unknown dataset {value!r}; choose one of {', '.join(DATASETS)}")
+        return value
+
+    def prepare_settings(self) -> PrepareSettings:
+        return PrepareSettings(
+            dataset=self.dataset,
+            num_clients=self.num_clients,
+            alpha=self.alpha,
+            shots=self.shots,
+            seed=self.seed,
+            min_client_examples=self.min_client_examples,
+            max_train_examples=self.max_train_examples,
+            test_size=self.test_size,
+        )
+
+
+class ModelConfig(_Section):
+    """The ``model`` section: the student architecture (sizes from the data are added)."""
+
+    name: str = "cnn"
+    args: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        if value not in available_models():
+            raise ValueError(f"unknown model {value!r}; known: {available_models()}")
+        return value
+
+    def spec(self, num_classes: int, image_shape: tuple[int, int]) -> ModelSpec:
+        height, width = image_shape
+        if height != width:
+            raise ConfigError(f"square images expected, got {height}x{width}")
+        derived = {"num_classes": num_classes, "in_channels": 1, "image_size": height}
+        return ModelSpec(self.name, {**derived, **self.args})
+
+
+class TrainConfig(_Section):
+    """The ``train`` section: local training of every client."""
+
+    local_epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+
+    def settings(self) -> TrainSettings:
+        return TrainSettings(**self.model_dump())
+
+
+class FederateConfig(_Section):
+    """The ``federate`` section: rounds, strategy, parallelism."""
+
+    rounds: int = Field(5, ge=1)
+    strategy: Literal["fedavg"] = "fedavg"
+    clients_per_round: int | None = Field(None, ge=1)
+    seed: int = 0
+    resume: bool = True
+    task_runner: Literal["threads", "processes"] = "threads"
+    max_workers: int = Field(2, ge=1)
+    eval_batch_size: int = Field(256, ge=1)
+    archive_retries: int = Field(3, ge=0)
+    archive_retry_delay_s: float = Field(2.0, ge=0)
+
+
+class RegistryConfig(_Section):
+    """The ``registry`` section: MLflow names."""
+
+    model_name: str = "fedforget"
+    experiment: str = "fedforget"
+    champion_alias: str = "champion"
+
+
+class Config(_Section):
+    """All of ``params.yaml`` for one profile."""
+
+    profile: str = DEFAULT_PROFILE
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    federate: FederateConfig = Field(default_factory=FederateConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+
+
+def _deep_merge(base: dict[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in overlay.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``section.key=value`` (the value is read as YAML: 3, 0.1, null, [1, 2])."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip() or "." not in key:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from None
+    return key.strip(), value
+
+
+def _apply_override(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: {part} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def read_params(path: str | Path) -> dict[str, Any]:
+    """Read a params file as a plain dict (what DVC sees)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file {path} not found (set FEDFORGET_PARAMS or run from the project)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections")
+    return raw
+
+
+def build_config(
+    raw: Mapping[str, Any],
+    profile: str = DEFAULT_PROFILE,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Validate ``raw`` params for ``profile`` with ``overrides`` applied."""
+    base = {k: v for k, v in raw.items() if k != "profiles"}
+    profiles = raw.get("profiles") or {}
+    if profile != DEFAULT_PROFILE:
+        if profile not in profiles:
+            known = [DEFAULT_PROFILE, *sorted(profiles)]
+            raise ConfigError(f"unknown profile {profile!r}; known: {', '.join(known)}")
+        base = _deep_merge(base, profiles[profile] or {})
+    for dotted, value in (overrides or {}).items():
+        _apply_override(base, dotted, value)
+    base["profile"] = profile
+    try:
+        return Config.model_validate(base)
+    except ValidationError as exc:
+        lines = [
+            f"  {'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        ]
+        raise ConfigError("invalid params:\n" + "\n".join(lines)) from None
+
+
+def load_config(
+    path: str | Path, profile: str = DEFAULT_PROFILE, overrides: Mapping[str, Any] | None = None
+) -> Config:
+    """Read and validate ``params.yaml`` for ``profile``."""
+    return build_config(read_params(path), profile, overrides)
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def find_project_root(start: str | Path | None = None) -> Path:
+    """``FEDFORGET_PROJECT``, else the nearest folder upwards holding params.yaml."""
+    env = os.environ.get("FEDFORGET_PROJECT")
+    if env:
+        return Path(env).expanduser().resolve()
+    here = Path(start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "params.yaml").is_file():
+            return folder
+    raise ConfigError(
+        f"no params.yaml in {here} or above; run fedforget inside the project "
+        "or set FEDFORGET_PROJECT"
+    )
+
+
+class Runtime(BaseModel):
+    """Where things are, resolved from the environment at call time.
+
+    Environment variables: ``FEDFORGET_PROJECT``, ``FEDFORGET_PARAMS``,
+    ``FEDFORGET_STORE`` (``s3://bucket/prefix`` or a folder; default
+    ``<project>/.fedforget/store``), ``MLFLOW_TRACKING_URI`` (default a sqlite
+    file in ``<project>/.fedforget``), ``FEDFORGET_RAW_DIR``. S3 endpoints and
+    credentials are read by boto3 itself (``AWS_ENDPOINT_URL_S3``, ...).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    root: Path
+    params_path: Path
+    store: str
+    tracking_uri: str
+    raw_dir: str | None = None
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / ".fedforget"
+
+    @property
+    def default_tracking(self) -> bool:
+        return self.tracking_uri == default_tracking_uri(self.root)
+
+    @property
+    def artifact_root(self) -> Path:
+        return self.state_dir / "mlartifacts"
+
+    def data_dir(self, profile: str) -> Path:
+        return self.root / "data" / profile
+
+    @classmethod
+    def from_env(cls, project: str | Path | None = None) -> Runtime:
+        """Resolve from the environment; ``project`` (a folder) wins over discovery."""
+        root = Path(project).expanduser().resolve() if project else find_project_root()
+        params = Path(os.environ.get("FEDFORGET_PARAMS") or root / "params.yaml")
+        return cls(
+            root=root,
+            params_path=params,
+            store=os.environ.get("FEDFORGET_STORE") or str(root / ".fedforget" / "store"),
+            tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root),
+            raw_dir=os.environ.get("FEDFORGET_RAW_DIR") or None,
+        )
+
+
+def default_tracking_uri(root: Path) -> str:
+    return f"sqlite:///{root / '.fedforget' / 'mlflow.db'}"

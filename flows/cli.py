@@ -1,0 +1,256 @@
+"""``fedforget``: the command line, one verb per job.
+
+Heavy libraries (torch, prefect, mlflow, dvc) are imported inside the verbs, so
+``fedforget --help`` is instant and logging is configured before they load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    name="fedforget",
+    help="Federated learning with on-demand unlearning, tracked in MLflow and orchestrated by Prefect.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+out = Console()
+
+ProfileOpt = Annotated[str, typer.Option("--profile", "-p", help="params profile: default or one under profiles:")]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", help="override a param, e.g. --set train.lr=0.01 (repeatable)"),
+]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="show Prefect and MLflow logs")]
+
+QUICK_PROFILE = "quick"
+
+
+class UsageError(Exception):
+    """A problem the user can fix; printed without a traceback."""
+
+
+def _quiet(verbose: bool) -> None:
+    """Configure logging of the libraries before they are imported."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        import warnings
+
+        warnings.filterwarnings("ignore", module="mlflow")
+        warnings.filterwarnings("ignore", message=".*Dim.AUTO.*")
+
+
+def _run(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call ``fn``; user-fixable errors become a message and exit code 2."""
+    from components.config import ConfigError
+    from components.data import DataError
+    from components.store import StoreError
+
+    try:
+        return fn(*args, **kwargs)
+    except (UsageError, ConfigError, DataError, StoreError, ValueError, KeyError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        console.print(f"[red]error:[/red] {message}")
+        raise typer.Exit(2) from None
+
+
+def _overrides(items: list[str] | None) -> dict[str, Any]:
+    from components.config import parse_override
+
+    return dict(parse_override(item) for item in items or [])
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+def _dvc(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run DVC with this interpreter's scripts first on PATH (stage commands use them)."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return subprocess.run(
+        [sys.executable, "-m", "dvc", *args], cwd=root, env=env, text=True, capture_output=True
+    )
+
+
+def stage_name(profile: str) -> str:
+    """The dvc.yaml stage that prepares ``profile``'s data."""
+    return "prepare" if profile == "default" else f"prepare_{profile}"
+
+
+def prepare_data(profile: str, use_dvc: bool = True, push: bool = True) -> dict[str, Any]:
+    """Validate params and raw data, then reproduce the DVC stage (and push it)."""
+    from components.config import Runtime, load_config
+    from components.data import FEDERATION_DIR, SERVER_DIR, dvc_dir_hash
+    from components.prepare import check, prepare
+
+    runtime = Runtime.from_env()
+    config = load_config(runtime.params_path, profile)
+    raw = check(config, runtime)  # fails before DVC deletes any old output
+    out_dir = runtime.data_dir(profile)
+    dvc_used = use_dvc and (runtime.root / ".dvc").is_dir() and (runtime.root / "dvc.yaml").is_file()
+    if dvc_used:
+        result = _dvc(runtime.root, "repro", stage_name(profile))
+        if result.returncode != 0:
+            raise UsageError(f"`dvc repro {stage_name(profile)}` failed:\n{result.stderr.strip() or result.stdout.strip()}")
+        if push:
+            pushed = _dvc(runtime.root, "push", stage_name(profile))
+            if pushed.returncode != 0:
+                raise UsageError(f"`dvc push` failed:\n{pushed.stderr.strip() or pushed.stdout.strip()}")
+    else:
+        prepare(config, out_dir, raw)
+    meta = json.loads((out_dir / FEDERATION_DIR / "meta.json").read_text())
+    return {
+        "profile": profile,
+        "dataset": meta["dataset"],
+        "clients": len(meta["clients"]),
+        "label_skew": meta["label_skew"],
+        "test": meta["test"]["num_examples"],
+        "data_dir": str(out_dir),
+        "data_version": dvc_dir_hash(out_dir / FEDERATION_DIR),
+        "server_data_version": dvc_dir_hash(out_dir / SERVER_DIR),
+        "dvc": dvc_used,
+    }
+
+
+@app.command()
+def prepare(
+    profile: ProfileOpt = "default",
+    dvc: Annotated[bool, typer.Option(help="run through DVC (dvc repro + dvc push)")] = True,
+    push: Annotated[bool, typer.Option(help="push the data to the DVC remote")] = True,
+) -> None:
+    """Prepare the data: client shards, test set and few-shot server set under data/<profile>/."""
+    _quiet(False)
+    summary = _run(prepare_data, profile, dvc, push)
+    out.print(
+        f"prepared [bold]{summary['dataset']}[/bold] ({summary['profile']}): {summary['clients']} clients "
+        f"(label skew {summary['label_skew']:.2f}), {summary['test']} test examples -> {summary['data_dir']}\n"
+        f"data version {summary['data_version']}" + ("" if summary["dvc"] else " (without DVC)")
+    )
+
+
+# --------------------------------------------------------------------------- federate
+
+
+def _federate_with_progress(
+    profile: str, rounds: int | None, overrides: dict[str, Any], fresh: bool
+) -> dict[str, Any]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from flows.federate import run_federate
+    from flows.progress import progress_callback
+
+    with Progress(
+        TextColumn("[bold]federate[/bold] {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as bar:
+        job = bar.add_task("starting (Prefect, MLflow)...", total=rounds)
+
+        def on_round(done: int, total: int, metrics: Any, version: str) -> None:
+            bar.update(
+                job,
+                completed=done,
+                total=total,
+                description=f"round {int(metrics['round'])}: accuracy {metrics['test_accuracy']:.3f} -> v{version}",
+            )
+
+        with progress_callback(on_round):
+            return run_federate(profile=profile, rounds=rounds, overrides=overrides, fresh=fresh)
+
+
+def _rounds_table(summary: dict[str, Any]) -> Table:
+    table = Table(title=f"federation {summary['federation_id']}")
+    for column in ("round", "clients", "test acc", "test loss", "round s", "version"):
+        table.add_column(column, justify="right")
+    for row in summary["rounds"]:
+        table.add_row(
+            str(int(row["round"])),
+            str(int(row["clients"])),
+            f"{row['test_accuracy']:.4f}",
+            f"{row['test_loss']:.4f}",
+            f"{row['round_s']:.1f}",
+            row["version"],
+        )
+    return table
+
+
+@app.command()
+def federate(
+    profile: ProfileOpt = "default",
+    rounds: Annotated[Optional[int], typer.Option("--rounds", "-r", min=1, help="overrides federate.rounds")] = None,
+    fresh: Annotated[bool, typer.Option(help="start from a new model, not from champion")] = False,
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
+    json_out: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+) -> None:
+    """Run rounds of FedAvg; archive every update; register every round's model."""
+    _quiet(verbose)
+    summary = _run(_federate_with_progress, profile, rounds, _overrides(set_), fresh)
+    if json_out:
+        out.print_json(json.dumps(summary))
+        return
+    out.print(_rounds_table(summary))
+    out.print(f"champion -> version {summary['champion_version']}  (store {summary['store']})")
+
+
+# --------------------------------------------------------------------------- demo
+
+
+@app.command()
+def demo(verbose: VerboseOpt = False) -> None:
+    """The whole story on the quick profile: prepare, federate, summary."""
+    _quiet(verbose)
+    out.rule("[bold]FedForget demo[/bold] (profile quick)")
+    data = _run(prepare_data, QUICK_PROFILE)
+    out.print(
+        f"1. data: {data['dataset']}, {data['clients']} clients with Dirichlet label skew "
+        f"{data['label_skew']:.2f}, version {data['data_version'][:12]}"
+    )
+    summary = _run(_federate_with_progress, QUICK_PROFILE, None, {}, True)
+    out.print("2. federation: every client update archived with its sha256, every round registered")
+    out.print(_rounds_table(summary))
+    out.rule("where to look")
+    from components.config import Runtime
+
+    runtime = Runtime.from_env()
+    out.print(f"champion: models:/{_model_name(QUICK_PROFILE)}@champion = version {summary['champion_version']}")
+    out.print(f"update archive: {summary['store']}/federations/{summary['federation_id']}/")
+    out.print(f"MLflow: mlflow ui --backend-store-uri {summary['tracking_uri']}")
+    if runtime.default_tracking:
+        out.print("Prefect: prefect server start   (then http://127.0.0.1:4200)")
+
+
+def _model_name(profile: str) -> str:
+    from components.config import Runtime, load_config
+
+    runtime = Runtime.from_env()
+    return load_config(runtime.params_path, profile).registry.model_name
+
+
+def main() -> None:  # pragma: no cover - console script
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
+

