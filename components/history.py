@@ -19,6 +19,15 @@ Key layout (relative to the store)::
     federations/<federation_id>/rounds/<round:05d>/sums/<client_id>.safetensors
     federations/<federation_id>/rounds/<round:05d>/global.safetensors
     federations/<federation_id>/rounds/<round:05d>/manifest.json
+    unlearning/<request_id>/forgotten.safetensors      (after subtraction)
+    unlearning/<request_id>/global.safetensors         (after recovery)
+    unlearning/<request_id>/sums/<client_id>.safetensors  (renormalised variant only)
+    unlearning/<request_id>/manifest.json
+
+A deletion is a node of the lineage too: its manifest names the source
+version's manifest as parent, the running sum it subtracted, and the running
+sums of the remaining clients, so later rounds and later deletions continue
+from it like from any round.
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ from components.state import StateDict, add, clone_state
 from components.store import ObjectRef, ObjectStore, sha256_bytes
 
 ROUND_MANIFEST_SCHEMA = "fedforget/round-manifest@1"
+UNLEARNING_MANIFEST_SCHEMA = "fedforget/unlearning-manifest@1"
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -178,6 +188,95 @@ class RoundManifest:
 
 
 @dataclass(frozen=True)
+class UnlearningManifest:
+    """A deletion: which client was removed from which version, how, and what resulted."""
+
+    request_id: str
+    forgotten_client: str
+    variant: str
+    parent: ObjectRef
+    source_version: str
+    server_round: int
+    base: ObjectRef
+    removed: ObjectRef
+    forgotten_state: ObjectRef
+    global_state: ObjectRef
+    model: ModelSpec
+    sums: Mapping[str, ObjectRef]
+    round_scales: Mapping[str, float]
+    recovery: Mapping[str, Any]
+    data_version: str
+    created_at: str
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+    client_ids: tuple[str, ...] = ()  # nobody trains in a deletion
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": UNLEARNING_MANIFEST_SCHEMA,
+            "kind": "unlearning",
+            "request_id": self.request_id,
+            "forgotten_client": self.forgotten_client,
+            "variant": self.variant,
+            "parent": self.parent.to_dict(),
+            "source_version": self.source_version,
+            "server_round": self.server_round,
+            "base": self.base.to_dict(),
+            "removed": self.removed.to_dict(),
+            "forgotten_state": self.forgotten_state.to_dict(),
+            "global": self.global_state.to_dict(),
+            "model": self.model.to_dict(),
+            "sums": {cid: ref.to_dict() for cid, ref in sorted(self.sums.items())},
+            "round_scales": dict(sorted(self.round_scales.items())),
+            "recovery": dict(self.recovery),
+            "data_version": self.data_version,
+            "created_at": self.created_at,
+            "metrics": dict(self.metrics),
+        }
+
+    def to_bytes(self) -> bytes:
+        return (json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode()
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> UnlearningManifest:
+        if data.get("schema") != UNLEARNING_MANIFEST_SCHEMA:
+            raise ValueError(f"not an unlearning manifest (schema {data.get('schema')!r})")
+        return cls(
+            request_id=str(data["request_id"]),
+            forgotten_client=str(data["forgotten_client"]),
+            variant=str(data["variant"]),
+            parent=ObjectRef.from_dict(data["parent"]),
+            source_version=str(data["source_version"]),
+            server_round=int(data["server_round"]),
+            base=ObjectRef.from_dict(data["base"]),
+            removed=ObjectRef.from_dict(data["removed"]),
+            forgotten_state=ObjectRef.from_dict(data["forgotten_state"]),
+            global_state=ObjectRef.from_dict(data["global"]),
+            model=ModelSpec.from_dict(data["model"]),
+            sums={cid: ObjectRef.from_dict(ref) for cid, ref in data["sums"].items()},
+            round_scales={k: float(v) for k, v in data.get("round_scales", {}).items()},
+            recovery=dict(data.get("recovery", {})),
+            data_version=str(data["data_version"]),
+            created_at=str(data["created_at"]),
+            metrics=dict(data.get("metrics", {})),
+        )
+
+
+Manifest = RoundManifest | UnlearningManifest
+
+
+def manifest_from_bytes(data: bytes) -> Manifest:
+    """Decode either kind of manifest."""
+    payload = json.loads(data)
+    schema = payload.get("schema") if isinstance(payload, dict) else None
+    if schema == ROUND_MANIFEST_SCHEMA:
+        return RoundManifest.from_dict(payload)
+    if schema == UNLEARNING_MANIFEST_SCHEMA:
+        return UnlearningManifest.from_dict(payload)
+    raise ValueError(f"unknown manifest schema {schema!r}")
+
+
+@dataclass(frozen=True)
 class LineageHead:
     """Where a federation continues from: a state and the running sums of its lineage."""
 
@@ -185,6 +284,11 @@ class LineageHead:
     manifest: ObjectRef | None  # None for a fresh initial state
     server_round: int
     sums: Mapping[str, ObjectRef]
+
+    @classmethod
+    def of(cls, ref: ObjectRef, manifest: Manifest) -> LineageHead:
+        """The head a committed manifest leaves (to resume or continue from)."""
+        return cls(manifest.global_state, ref, manifest.server_round, dict(manifest.sums))
 
 
 class UpdateHistory:
@@ -219,22 +323,15 @@ class UpdateHistory:
         return LineageHead(state=ref, manifest=None, server_round=0, sums={})
 
     # ---- manifests
-    def read_manifest(self, ref: ObjectRef | str) -> RoundManifest:
-        """Read a manifest; with an :class:`ObjectRef` its sha256 is checked first."""
-        data = self.store.get_verified(ref) if isinstance(ref, ObjectRef) else self.store.get(ref)
-        return RoundManifest.from_dict(json.loads(data))
+    def read_manifest(self, ref: ObjectRef) -> Manifest:
+        """Read a manifest of either kind after checking its sha256."""
+        return manifest_from_bytes(self.store.get_verified(ref))
 
     def head_of(self, manifest_ref: ObjectRef) -> LineageHead:
         """The lineage head a registered version points at, for resuming from it."""
-        manifest = self.read_manifest(manifest_ref)
-        return LineageHead(
-            state=manifest.global_state,
-            manifest=manifest_ref,
-            server_round=manifest.server_round,
-            sums=dict(manifest.sums),
-        )
+        return LineageHead.of(manifest_ref, self.read_manifest(manifest_ref))
 
-    def iter_lineage(self, manifest_ref: ObjectRef) -> Iterator[tuple[ObjectRef, RoundManifest]]:
+    def iter_lineage(self, manifest_ref: ObjectRef) -> Iterator[tuple[ObjectRef, Manifest]]:
         """Manifests from ``manifest_ref`` back to the first round, each verified."""
         ref: ObjectRef | None = manifest_ref
         while ref is not None:
@@ -242,7 +339,7 @@ class UpdateHistory:
             yield ref, manifest
             ref = manifest.parent
 
-    def client_sum(self, manifest: RoundManifest, client_id: str) -> StateDict:
+    def client_sum(self, manifest: Manifest, client_id: str) -> StateDict:
         """The running sum of ``client_id``'s applied contributions at ``manifest``."""
         try:
             ref = manifest.sums[client_id]
@@ -320,20 +417,89 @@ class UpdateHistory:
             created_at=_now(),
             extra=dict(extra or {}),
         )
-        manifest_key = f"{prefix}manifest.json"
-        if self.store.exists(manifest_key):
-            # A previous attempt committed this round: keep the record that exists.
-            existing = self.store.get(manifest_key)
-            ref = ObjectRef(manifest_key, sha256_bytes(existing), len(existing))
+        return self._commit_manifest(f"{prefix}manifest.json", manifest)
+
+    def _commit_manifest(self, key: str, manifest: Manifest) -> tuple[ObjectRef, Manifest]:
+        if self.store.exists(key):
+            # A previous attempt committed it: keep the record that exists.
+            existing = self.store.get(key)
+            ref = ObjectRef(key, sha256_bytes(existing), len(existing))
             return ref, self.read_manifest(ref)
-        return self.store.put(manifest_key, manifest.to_bytes(), overwrite=False), manifest
+        return self.store.put(key, manifest.to_bytes(), overwrite=False), manifest
+
+    @staticmethod
+    def unlearning_prefix(request_id: str) -> str:
+        return f"unlearning/{validate_id(request_id, 'request id')}/"
+
+    def commit_unlearning(
+        self,
+        *,
+        request_id: str,
+        client_id: str,
+        variant: str,
+        source: ObjectRef,
+        source_version: str,
+        source_manifest: Manifest,
+        removed: ObjectRef,
+        forgotten_state: Mapping[str, torch.Tensor],
+        final_state: Mapping[str, torch.Tensor],
+        new_sums: Mapping[str, Mapping[str, torch.Tensor]],
+        round_scales: Mapping[str, float],
+        recovery: Mapping[str, Any],
+        data_version: str,
+        metrics: Mapping[str, float],
+    ) -> tuple[ObjectRef, UnlearningManifest]:
+        """Archive a deletion: the forgotten and final states, changed sums, the manifest last."""
+        prefix = self.unlearning_prefix(request_id)
+        model = source_manifest.model
+        forgotten_ref = self.write_state(
+            f"{prefix}forgotten.safetensors", clone_state(forgotten_state),
+            {"kind": "forgotten", "request_id": request_id, "client_id": client_id, "model": model.to_dict()},
+        )  # fmt: skip
+        global_ref = self.write_state(
+            f"{prefix}global.safetensors", clone_state(final_state),
+            {"kind": "unlearned", "request_id": request_id, "client_id": client_id, "model": model.to_dict()},
+        )  # fmt: skip
+        sums = {cid: ref for cid, ref in source_manifest.sums.items() if cid != client_id}
+        for cid, running in sorted(new_sums.items()):
+            sums[cid] = self.write_state(
+                f"{prefix}sums/{validate_id(cid, 'client id')}.safetensors",
+                running,
+                {"kind": "running_sum", "client_id": cid, "request_id": request_id},
+            )
+        manifest = UnlearningManifest(
+            request_id=request_id,
+            forgotten_client=client_id,
+            variant=variant,
+            parent=source,
+            source_version=source_version,
+            server_round=source_manifest.server_round,
+            base=source_manifest.global_state,
+            removed=removed,
+            forgotten_state=forgotten_ref,
+            global_state=global_ref,
+            model=model,
+            sums=sums,
+            round_scales=dict(round_scales),
+            recovery=dict(recovery),
+            data_version=data_version,
+            created_at=_now(),
+            metrics=dict(metrics),
+        )
+        ref, committed = self._commit_manifest(f"{prefix}manifest.json", manifest)
+        if not isinstance(committed, UnlearningManifest):
+            raise ValueError(f"{ref.key} holds a manifest of another kind")
+        return ref, committed
 
 
-def verify_manifest(store: ObjectStore, manifest: RoundManifest) -> list[str]:
+def verify_manifest(store: ObjectStore, manifest: Manifest) -> list[str]:
     """Check every object a manifest references; return the problems found."""
     problems = []
     refs = [("base", manifest.base), ("global", manifest.global_state)]
-    refs += [(f"update of {c.client_id}", c.update) for c in manifest.clients]
+    if isinstance(manifest, RoundManifest):
+        refs += [(f"update of {c.client_id}", c.update) for c in manifest.clients]
+    else:
+        refs += [("forgotten state", manifest.forgotten_state)]
     refs += [(f"running sum of {cid}", ref) for cid, ref in manifest.sums.items()]
     for what, ref in refs:
         if not store.exists(ref.key):

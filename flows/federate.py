@@ -33,7 +33,7 @@ from components.federation import (
     manifest_ref_from_tags,
     run_client,
 )
-from components.history import LineageHead, RoundManifest, UpdateHistory
+from components.history import LineageHead, Manifest, UpdateHistory
 from components.models import ModelSpec, init_model
 from components.state import StateDict
 from components.store import ObjectRef, open_store
@@ -67,7 +67,7 @@ def archive_round_task(
     strategy: Mapping[str, Any],
     data_version: str,
     metrics: Mapping[str, Mapping[str, float]],
-) -> tuple[ObjectRef, RoundManifest]:
+) -> tuple[ObjectRef, Manifest]:
     history = UpdateHistory(open_store(store_url))
     return history.commit_round(
         federation_id, server_round, head, updates, new_state, model, strategy,
@@ -114,14 +114,15 @@ def _resume_head(
     champion = tracker.alias()
     if champion is None:
         return None
-    manifest = history.read_manifest(manifest_ref_from_tags(champion.tags))
+    ref = manifest_ref_from_tags(champion.tags)
+    manifest = history.read_manifest(ref)
     if manifest.model != spec:
         raise ValueError(
             f"champion version {champion.version} is a {manifest.model.to_dict()} model but "
             f"params ask for {spec.to_dict()}; start over with --fresh"
         )
     logger.info("resuming from champion version %s (round %s)", champion.version, manifest.server_round)
-    return history.head_of(manifest_ref_from_tags(champion.tags)), champion
+    return LineageHead.of(ref, manifest), champion
 
 
 def _plot_convergence(rows: Sequence[Mapping[str, float]]) -> Any:
@@ -292,7 +293,7 @@ def federate(
                 server_round, len(results), test["accuracy"], version.version,
             )  # fmt: skip
             report_progress(server_round - first + 1, last - first + 1, row, version.version)
-            head = LineageHead(manifest.global_state, manifest_ref, server_round, dict(manifest.sums))
+            head = LineageHead.of(manifest_ref, manifest)
             base_state = new_state
             parent_version = version.version
         tracker.set_alias(versions[-1].version)
