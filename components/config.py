@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from components.data import DATASETS, PrepareSettings
+from components.distillation import DistillSettings
 from components.models import ModelSpec, available_models
 from components.training import TrainSettings
 
@@ -93,8 +94,8 @@ class TrainConfig(_Section):
 
     local_epochs: int = Field(1, ge=1)
     batch_size: int = Field(32, ge=1)
-    lr: float = Field(0.05, gt=0)
-    momentum: float = Field(0.0, ge=0, lt=1)
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
 
     def settings(self) -> TrainSettings:
@@ -116,6 +117,54 @@ class FederateConfig(_Section):
     archive_retry_delay_s: float = Field(2.0, ge=0)
 
 
+class UnlearnConfig(_Section):
+    """The ``unlearn`` section: how a client is forgotten and quality restored."""
+
+    variant: Literal["subtract", "renormalise"] = "subtract"
+    teacher: Literal["clip", "global-model", "none"] = "clip"
+    seed: int = 0
+
+
+class TeacherConfig(_Section):
+    """The ``teacher`` section: the CLIP-Adapter teacher fitted on the few-shot data.
+
+    ``preset``: ``offline`` (EfficientNet-Lite0 + MiniLM from registry packages,
+    no network), ``pretrained`` (any open_clip model name + pretrained tag or
+    checkpoint file) or ``tiny`` (random weights, tests only).
+    """
+
+    preset: Literal["offline", "pretrained", "tiny"] = "offline"
+    model_name: str | None = None  # pretrained preset: an open_clip model name, e.g. ViT-B-32
+    pretrained: str | None = None  # pretrained preset: a tag (e.g. openai) or a checkpoint file
+    image_size: int | None = Field(None, ge=16)  # None = the preset's own size
+    prompt: str = "a photo of a {}."
+    adapter_reduction: int = Field(4, ge=1)
+    adapter_alpha: float = Field(0.2, ge=0, le=1)
+    train_projection: bool | None = None  # None = the preset's default (True only for offline)
+    epochs: int = Field(300, ge=1)
+    patience: int = Field(40, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    batch_size: int = Field(32, ge=1)
+    val_fraction: float = Field(0.25, gt=0, lt=1)
+    test_subset: int = Field(1000, ge=1)
+    seed: int = 0
+
+
+class DistillConfig(_Section):
+    """The ``distill`` section: recovery training of the unlearned student."""
+
+    epochs: int = Field(20, ge=0)
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    batch_size: int = Field(32, ge=1)
+    temperature: float = Field(4.0, gt=0)
+    beta: float = Field(0.5, ge=0, le=1)
+
+    def settings(self) -> DistillSettings:
+        return DistillSettings(**self.model_dump())
+
+
 class RegistryConfig(_Section):
     """The ``registry`` section: MLflow names."""
 
@@ -132,6 +181,9 @@ class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     federate: FederateConfig = Field(default_factory=FederateConfig)
+    unlearn: UnlearnConfig = Field(default_factory=UnlearnConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
 
 

@@ -50,7 +50,7 @@ def torch_threads(count: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator | None) -> list[torch.Tensor]:
+def shuffled_batches(n: int, batch_size: int, generator: torch.Generator | None) -> list[torch.Tensor]:
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     return list(order.split(batch_size))
 
@@ -73,7 +73,7 @@ def train_client(
     if len(data) == 0:
         raise ValueError("cannot train on an empty client shard")
     start = time.perf_counter()
-    _prefer_channels_last(model)
+    prefer_channels_last(model)
     inputs, labels = data.inputs(), data.labels
     optimizer = torch.optim.SGD(
         model.parameters(),
@@ -85,7 +85,7 @@ def train_client(
     epoch_loss = math.nan
     for _ in range(settings.local_epochs):
         total, count = 0.0, 0
-        for idx in _batches(len(data), settings.batch_size, generator):
+        for idx in shuffled_batches(len(data), settings.batch_size, generator):
             optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(inputs[idx]), labels[idx])
             loss.backward()
@@ -100,7 +100,7 @@ def train_client(
     }
 
 
-def _prefer_channels_last(model: nn.Module) -> None:
+def prefer_channels_last(model: nn.Module) -> None:
     # oneDNN convolutions run about twice as fast on CPU with channels-last
     # weights (measured: FedAvg CNN, 1 thread); no effect on models without convs.
     if any(isinstance(m, nn.Conv2d) for m in model.modules()):
@@ -111,7 +111,7 @@ def _prefer_channels_last(model: nn.Module) -> None:
 def predict_logits(model: nn.Module, inputs: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Logits for ``inputs`` in eval mode, batched to bound memory."""
     was_training = model.training
-    _prefer_channels_last(model)
+    prefer_channels_last(model)
     model.eval()
     try:
         return torch.cat([model(chunk) for chunk in inputs.split(batch_size)])

@@ -65,7 +65,7 @@ def _run(fn: Any, *args: Any, **kwargs: Any) -> Any:
 
     try:
         return fn(*args, **kwargs)
-    except (UsageError, ConfigError, DataError, StoreError, ValueError, KeyError) as exc:
+    except (UsageError, ConfigError, DataError, StoreError, ValueError, KeyError) as exc:  # incl. UnlearningError
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         console.print(f"[red]error:[/red] {message}")
         raise typer.Exit(2) from None
@@ -213,12 +213,77 @@ def federate(
     out.print(f"champion -> version {summary['champion_version']}  (store {summary['store']})")
 
 
+# --------------------------------------------------------------------------- unlearn
+
+
+def _run_unlearn(client: str, version: str | None, request_id: str | None, profile: str,
+                 overrides: dict[str, Any], reason: str | None) -> dict[str, Any]:  # fmt: skip
+    from flows.unlearn import unlearn as unlearn_flow
+
+    with console.status(f"unlearning {client} (forget, teacher, distil, register)..."):
+        return unlearn_flow(
+            client_id=client, version=version, request_id=request_id, profile=profile,
+            overrides=overrides, reason=reason,
+        )  # fmt: skip
+
+
+def _unlearn_table(result: dict[str, Any]) -> Table:
+    m = result["metrics"]
+    table = Table(title=f"forgot {result['client_id']}: version {result['source_version']} -> {result['version']}")
+    table.add_column("")
+    table.add_column("test accuracy", justify="right")
+    table.add_column(f"accuracy on {result['client_id']}'s data", justify="right")
+    rows = [("before (source version)", "before"), ("after subtraction", "forgotten"), ("after recovery", "after")]
+    for label, suffix in rows:
+        client_acc = m.get(f"forgotten_client_accuracy_{suffix}")
+        table.add_row(label, f"{m[f'test_accuracy_{suffix}']:.4f}", "-" if client_acc is None else f"{client_acc:.4f}")
+    return table
+
+
+@app.command()
+def unlearn(
+    client: Annotated[str, typer.Option("--client", "-c", help="the client to forget")],
+    version: Annotated[Optional[str], typer.Option(help="registered version to unlearn from (default: champion)")] = None,
+    variant: Annotated[Optional[str], typer.Option(help="subtract (default) or renormalise")] = None,
+    teacher: Annotated[Optional[str], typer.Option(help="clip (default), global-model or none")] = None,
+    request_id: Annotated[Optional[str], typer.Option(help="id of the deletion request (generated if absent)")] = None,
+    reason: Annotated[Optional[str], typer.Option(help="kept in the tombstone, e.g. a ticket id")] = None,
+    profile: ProfileOpt = "default",
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
+    json_out: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+) -> None:
+    """Forget a client: subtract its contributions, distil from the teacher, register, purge."""
+    _quiet(verbose)
+    overrides = _overrides(set_)
+    if variant:
+        overrides["unlearn.variant"] = variant
+    if teacher:
+        overrides["unlearn.teacher"] = teacher
+    result = _run(_run_unlearn, client, version, request_id, profile, overrides, reason)
+    if json_out:
+        out.print_json(json.dumps(result))
+        return
+    if result["status"] != "unlearned":
+        out.print(
+            f"{result['client_id']} was already forgotten (request {result['request_id']}): "
+            f"version {result['version']}; nothing changed"
+        )
+        return
+    out.print(_unlearn_table(result))
+    out.print(
+        f"champion -> version {result['version']} (request {result['request_id']}, {result['variant']}, "
+        f"teacher {result['teacher']}); {result['purged']} archived objects of {result['client_id']} purged; "
+        f"versions still containing it, now tagged: {', '.join(result['flagged_versions']) or 'none'}"
+    )
+
+
 # --------------------------------------------------------------------------- demo
 
 
 @app.command()
 def demo(verbose: VerboseOpt = False) -> None:
-    """The whole story on the quick profile: prepare, federate, summary."""
+    """The whole story on the quick profile: prepare, federate, forget a client, summary."""
     _quiet(verbose)
     out.rule("[bold]FedForget demo[/bold] (profile quick)")
     data = _run(prepare_data, QUICK_PROFILE)
@@ -229,15 +294,39 @@ def demo(verbose: VerboseOpt = False) -> None:
     summary = _run(_federate_with_progress, QUICK_PROFILE, None, {}, True)
     out.print("2. federation: every client update archived with its sha256, every round registered")
     out.print(_rounds_table(summary))
+    target = _demo_target(summary)
+    out.print(f"3. deletion request: forget [bold]{target}[/bold] (the client with the most training data)")
+    result = _run(_run_unlearn, target, None, None, QUICK_PROFILE, {}, "demo")
+    out.print(_unlearn_table(result))
+    teacher_acc = result["distill"].get("teacher_test_accuracy")
+    out.print(
+        f"   {target}'s running sum was subtracted, then quality restored by distillation from the "
+        f"CLIP-Adapter teacher" + (f" (teacher test accuracy {teacher_acc:.4f})" if teacher_acc else "")
+    )
+    out.print(
+        f"   {target}: {result['purged']} archived objects purged, tombstone written, "
+        f"versions {', '.join(result['flagged_versions'])} tagged contains_forgotten_clients; "
+        f"champion -> version {result['version']}"
+    )
     out.rule("where to look")
     from components.config import Runtime
 
     runtime = Runtime.from_env()
-    out.print(f"champion: models:/{_model_name(QUICK_PROFILE)}@champion = version {summary['champion_version']}")
+    out.print(f"champion: models:/{_model_name(QUICK_PROFILE)}@champion = version {result['version']}")
+    out.print(f"tombstone: {summary['store']}/tombstones/{target}.json")
     out.print(f"update archive: {summary['store']}/federations/{summary['federation_id']}/")
     out.print(f"MLflow: mlflow ui --backend-store-uri {summary['tracking_uri']}")
     if runtime.default_tracking:
         out.print("Prefect: prefect server start   (then http://127.0.0.1:4200)")
+
+
+def _demo_target(summary: dict[str, Any]) -> str:
+    """The client with the most training data (the deletion with the most visible effect)."""
+    from components.config import Runtime
+    from components.data import FederationData
+
+    data = FederationData(Runtime.from_env().data_dir(QUICK_PROFILE) / "federation")
+    return max(data.client_ids(), key=data.num_examples)
 
 
 def _model_name(profile: str) -> str:

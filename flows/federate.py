@@ -38,6 +38,7 @@ from components.models import ModelSpec, init_model
 from components.state import StateDict
 from components.store import ObjectRef, open_store
 from components.training import torch_threads
+from components.unlearning import tombstoned_clients
 from flows.progress import report_progress
 from flows.tracking import Tracker, VersionInfo
 
@@ -214,7 +215,13 @@ def federate(
         retries=config.federate.archive_retries,
         retry_delay_seconds=config.federate.archive_retry_delay_s,
     )
-    available = data.client_ids()
+    forgotten = tombstoned_clients(store)
+    available = [cid for cid in data.client_ids() if cid not in forgotten]
+    if forgotten & set(data.client_ids()):
+        logger.warning(
+            "excluding forgotten (tombstoned) clients from training: %s",
+            ", ".join(sorted(forgotten & set(data.client_ids()))),
+        )
     rng = np.random.default_rng([config.federate.seed, head.server_round])
     rows: list[dict[str, float]] = []
     versions: list[VersionInfo] = []
@@ -313,6 +320,7 @@ def federate(
         "data_version": data_version,
         "resumed_from_version": resumed[1].version if resumed else None,
         "champion_version": versions[-1].version,
+        "excluded_clients": sorted(forgotten & set(data.client_ids())),
         "rounds": [{**row, "version": v.version} for row, v in zip(rows, versions)],
     }
 

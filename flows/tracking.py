@@ -10,6 +10,7 @@ from the flow's own thread, with the run id passed explicitly.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +126,14 @@ class Tracker:
     def log_file(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), artifact_path)
 
+    def log_bytes(self, run_id: str, data: bytes, artifact_file: str) -> None:
+        """Log ``data`` as the artifact ``artifact_file`` (e.g. ``teacher/head.safetensors``)."""
+        folder, _, name = artifact_file.rpartition("/")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            path.write_bytes(data)
+            self.client.log_artifact(run_id, str(path), folder or None)
+
     # ---- registry
     def register_model(
         self,
@@ -208,6 +217,23 @@ class Tracker:
         found = self.client.search_model_versions(f"name = '{self.registry.model_name}'")
         out = [VersionInfo(mv.name, str(mv.version), dict(mv.tags), mv.run_id, mv.source) for mv in found]
         return sorted(out, key=lambda v: v.number)
+
+    def find_versions(self, **tags: str) -> list[VersionInfo]:
+        """Versions whose tags equal all of ``tags`` (oldest first)."""
+        return [v for v in self.versions() if all(v.tags.get(k) == val for k, val in tags.items())]
+
+    def find_run(self, **tags: str) -> str | None:
+        """The newest finished run of this experiment carrying all of ``tags``."""
+        clauses = [f"tags.{k} = '{v}'" for k, v in tags.items()] + ["attributes.status = 'FINISHED'"]
+        runs = self.client.search_runs(
+            [self.experiment_id], " and ".join(clauses), order_by=["attributes.start_time DESC"], max_results=1
+        )
+        return runs[0].info.run_id if runs else None
+
+    def download(self, run_id: str, artifact_path: str) -> Path:
+        """A local copy of one artifact of a run."""
+        folder = Path(tempfile.mkdtemp(prefix="fedforget-artifact-"))
+        return Path(self.client.download_artifacts(run_id, artifact_path, str(folder)))
 
     def set_version_tag(self, version: str, key: str, value: str) -> None:
         self.client.set_model_version_tag(self.registry.model_name, version, key, value)

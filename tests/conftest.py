@@ -32,6 +32,9 @@ TINY_PARAMS: dict[str, Any] = {
     "model": {"name": "cnn", "args": {"channels": [4, 8], "hidden": 16}},
     "train": {"local_epochs": 1, "batch_size": 16, "lr": 0.1},
     "federate": {"rounds": 2, "seed": 3, "max_workers": 2, "archive_retry_delay_s": 0},
+    "unlearn": {"variant": "subtract", "teacher": "clip"},
+    "teacher": {"preset": "tiny", "epochs": 30, "patience": 10, "test_subset": 100},
+    "distill": {"epochs": 3},
     "registry": {"model_name": "tiny", "experiment": "tiny"},
 }
 

@@ -1,0 +1,389 @@
+"""Prefect flow ``unlearn``: forget one client, restore quality, register, keep it deleted.
+
+Steps (each a tracked task): validate the request -> forget (subtract the
+client's running sum, every object hash-checked) -> fit or reuse the teacher
+-> distil on the few-shot server data -> evaluate -> archive the deletion (its
+manifest last) -> register the unlearned version and move ``champion`` ->
+flag earlier versions that still contain the client -> tombstone -> purge the
+client's archived updates and running sums.
+
+Re-running after a crash finishes what is missing; re-running after success
+is a no-op that reports the existing unlearned version.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from components.config import Config, Runtime, load_config
+from components.data import FEDERATION_DIR, SERVER_DIR, FederationData, dvc_dir_hash, read_split
+from components.distillation import distill, teacher_logits_for
+from components.federation import evaluate_state, manifest_ref_from_tags
+from components.history import Manifest, UnlearningManifest, UpdateHistory, validate_id
+from components.models import ModelSpec, build_model
+from components.state import StateDict
+from components.store import ObjectRef, open_store
+from components.teacher import FeatureCache, FittedTeacher, TeacherSpec, build_backbone, fit_teacher, teacher_logits
+from components.unlearning import (
+    ForgetResult,
+    UnlearningError,
+    delete_objects,
+    forget_client,
+    list_client_objects,
+    new_request_id,
+    read_tombstone,
+    validate_client_id,
+    write_tombstone,
+)
+from flows.tracking import Tracker, VersionInfo
+
+TEACHER_ARTIFACT = "teacher/head.safetensors"
+CONTAINS_TAG = "contains_forgotten_clients"
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+@task(name="forget", cache_policy=NO_CACHE)
+def forget_task(
+    store_url: str, source: ObjectRef, source_manifest: Manifest, client_id: str, variant: str
+) -> ForgetResult:
+    return forget_client(UpdateHistory(open_store(store_url)), source, source_manifest, client_id, variant)
+
+
+def teacher_spec(config: Config) -> TeacherSpec:
+    fields = config.teacher.model_dump(exclude={"test_subset"})
+    return TeacherSpec(**fields)
+
+
+@task(name="fit-teacher", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
+def teacher_task(
+    tracker: Tracker, config: Config, runtime: Runtime, server_dir: str, test_path: str, data_version: str
+) -> tuple[str, FittedTeacher, torch.Tensor]:
+    """Reuse a teacher fitted for the same spec and data, else fit and log one.
+
+    Returns the teacher run id, the fitted head and its logits on the few-shot set.
+    """
+    logger = get_run_logger()
+    spec = teacher_spec(config)
+    few_shot = read_split(f"{server_dir}/few_shot.safetensors")
+    class_names = tuple(FederationData(runtime.data_dir(config.profile) / FEDERATION_DIR).meta["class_names"])
+    key = spec.fit_key(data_version, class_names)
+    cache = FeatureCache(runtime.state_dir / "cache" / "teacher-features")
+    backbone = build_backbone(spec)
+    run_id = tracker.find_run(kind="teacher", teacher_key=key)
+    if run_id is not None:
+        fitted = FittedTeacher.from_bytes(tracker.download(run_id, TEACHER_ARTIFACT).read_bytes(), backbone)
+        logger.info("reusing teacher run %s (key %s)", run_id, key)
+    else:
+        test = read_split(test_path)
+        test = test.subset(range(min(config.teacher.test_subset, len(test))))
+        fitted = fit_teacher(spec, backbone, few_shot, class_names, test, cache)
+        run_id = tracker.start_run(
+            f"teacher-{spec.preset}-{key[:8]}",
+            tags={"kind": "teacher", "teacher_key": key, "preset": spec.preset, "data_version": data_version},
+        )
+        tracker.log_params(run_id, {f"teacher.{k}": v for k, v in asdict(spec).items()})
+        tracker.log_metrics(run_id, fitted.metrics, step=0)
+        tracker.log_bytes(run_id, fitted.to_bytes(), TEACHER_ARTIFACT)
+        tracker.end_run(run_id)
+        logger.info(
+            "fitted teacher %s: few-shot val accuracy %.3f, test-subset accuracy %.3f",
+            run_id, fitted.metrics["val_accuracy"], fitted.metrics.get("test_accuracy", float("nan")),
+        )  # fmt: skip
+    return run_id, fitted, teacher_logits(fitted, backbone, few_shot, cache)
+
+
+@task(name="distill", cache_policy=NO_CACHE)
+def distill_task(
+    spec: ModelSpec, state: StateDict, server_dir: str, logits: torch.Tensor, config: Config
+) -> tuple[StateDict, dict[str, float]]:
+    student = build_model(spec)
+    student.load_state_dict(state)
+    few_shot = read_split(f"{server_dir}/few_shot.safetensors")
+    generator = torch.Generator().manual_seed(config.unlearn.seed)
+    metrics = distill(student, few_shot, logits, config.distill.settings(), generator)
+    return {k: v.detach().clone() for k, v in student.state_dict().items()}, metrics
+
+
+@task(name="global-model-teacher", cache_policy=NO_CACHE)
+def global_teacher_task(spec: ModelSpec, state: StateDict, server_dir: str) -> torch.Tensor:
+    """The pre-deletion model as the (frozen) teacher: its logits on the few-shot set."""
+    teacher = build_model(spec)
+    teacher.load_state_dict(state)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher_logits_for(teacher, read_split(f"{server_dir}/few_shot.safetensors").inputs())
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_task(spec: ModelSpec, state: StateDict, test_path: str, client_path: str | None) -> dict[str, float]:
+    out = {"test_accuracy": evaluate_state(spec, state, test_path)["accuracy"]}
+    if client_path is not None:
+        out["forgotten_client_accuracy"] = evaluate_state(spec, state, client_path)["accuracy"]
+    return out
+
+
+@task(name="archive-deletion", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=2)
+def archive_task(store_url: str, **kwargs: Any) -> tuple[ObjectRef, UnlearningManifest]:
+    return UpdateHistory(open_store(store_url)).commit_unlearning(**kwargs)
+
+
+@task(name="register-unlearned", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def register_task(
+    tracker: Tracker, run_id: str, spec: ModelSpec, state: StateDict, input_shape: tuple[int, ...], tags: Mapping[str, str]
+) -> VersionInfo:
+    version = tracker.register_model(run_id, spec, state, input_shape, f"unlearned-{tags['request_id']}", tags)
+    tracker.set_alias(version.version)
+    return version
+
+
+@task(name="flag-versions", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def flag_versions_task(tracker: Tracker, store_url: str, client_id: str, skip: str) -> list[str]:
+    """Tag every version whose lineage still contains the client."""
+    history = UpdateHistory(open_store(store_url))
+    flagged = []
+    for version in tracker.versions():
+        if version.version == skip or "manifest_key" not in version.tags:
+            continue
+        try:
+            manifest = history.read_manifest(manifest_ref_from_tags(version.tags))
+        except Exception:  # a broken reference is the audit's finding, not a reason to stop
+            continue
+        if client_id in manifest.sums:
+            present = set(filter(None, version.tags.get(CONTAINS_TAG, "").split(",")))
+            tracker.set_version_tag(version.version, CONTAINS_TAG, ",".join(sorted(present | {client_id})))
+            flagged.append(version.version)
+    return flagged
+
+
+@task(name="tombstone-and-purge", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=2)
+def tombstone_task(
+    store_url: str, client_id: str, request_id: str, source_version: str, resulting_version: str,
+    variant: str, manifest_ref: ObjectRef, reason: str | None,
+) -> dict[str, Any]:  # fmt: skip
+    store = open_store(store_url)
+    # Hashes first, then the tombstone, then the deletes: a crash in between leaves
+    # a tombstone naming every object, and the next run deletes what is left.
+    doomed = list_client_objects(store, client_id)
+    tombstone = write_tombstone(
+        store, client_id=client_id, request_id=request_id, source_version=source_version,
+        resulting_version=resulting_version, variant=variant, unlearning_manifest=manifest_ref,
+        purged=doomed, reason=reason,
+    )  # fmt: skip
+    delete_objects(store, doomed)
+    return {"tombstone": tombstone.key, "purged": len(doomed)}
+
+
+@task(name="purge-leftovers", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=2)
+def purge_leftovers_task(store_url: str, client_id: str) -> int:
+    """Delete objects a crashed run left between writing the tombstone and purging."""
+    store = open_store(store_url)
+    leftovers = list_client_objects(store, client_id)
+    delete_objects(store, leftovers)
+    return len(leftovers)
+
+
+# --------------------------------------------------------------------------- flow
+
+
+def _finalise(
+    tracker: Tracker, store_url: str, version: VersionInfo, client_id: str, reason: str | None
+) -> dict[str, Any]:
+    """Finish a deletion whose version is registered (after a crash, or just now)."""
+    flagged = flag_versions_task(tracker, store_url, client_id, version.version)
+    done = tombstone_task(
+        store_url, client_id, version.tags["request_id"], version.tags["source_version"],
+        version.version, version.tags["forgetting_variant"], manifest_ref_from_tags(version.tags), reason,
+    )  # fmt: skip
+    return {"flagged_versions": flagged, **done}
+
+
+@flow(name="unlearn")
+def unlearn(
+    client_id: str,
+    version: str | None = None,
+    request_id: str | None = None,
+    profile: str = "default",
+    overrides: dict[str, Any] | None = None,
+    project: str | None = None,
+    reason: str | None = None,
+) -> dict[str, Any]:
+    """Forget ``client_id`` from ``version`` (default: the champion) and register the result.
+
+    Parameters
+    ----------
+    client_id
+        The client whose contributions must go.
+    version
+        The registered version to unlearn from; default the ``champion`` alias.
+    request_id
+        The deletion request's id (generated when absent); recorded everywhere.
+    profile, overrides, project
+        As for ``federate``.
+    reason
+        Free text kept in the tombstone (e.g. the ticket of the request).
+    """
+    logger = get_run_logger()
+    started = time.perf_counter()
+    client_id = validate_client_id(client_id)
+    request_id = validate_id(request_id, "request id") if request_id else new_request_id()
+    runtime = Runtime.from_env(project)
+    config = load_config(runtime.params_path, profile, dict(overrides or {}))
+    store_url = runtime.store
+    store = open_store(store_url)
+    history = UpdateHistory(store)
+    tracker = Tracker(runtime, config.registry)
+
+    # 1. Validate: already forgotten -> report; registered but unfinished -> finish.
+    tombstone = read_tombstone(store, client_id)
+    if tombstone is not None:
+        leftovers = purge_leftovers_task(store_url, client_id)
+        logger.info("client %s was already forgotten by request %s", client_id, tombstone["request_id"])
+        return {"status": "already_forgotten", "client_id": client_id, "version": tombstone["resulting_version"],
+                "request_id": tombstone["request_id"], "purged_leftovers": leftovers}  # fmt: skip
+    done = tracker.find_versions(kind="unlearned", forgotten_client=client_id)
+    if done:
+        logger.warning("finishing the deletion of %s registered as version %s", client_id, done[-1].version)
+        extra = _finalise(tracker, store_url, done[-1], client_id, reason)
+        return {"status": "completed", "client_id": client_id, "version": done[-1].version,
+                "request_id": done[-1].tags["request_id"], **extra}  # fmt: skip
+    source = tracker.version(version) if version else tracker.alias()
+    if source is None:
+        raise UnlearningError("no model version to unlearn from: run `fedforget federate` first")
+    source_ref = manifest_ref_from_tags(source.tags)
+    source_manifest = history.read_manifest(source_ref)
+    if client_id not in source_manifest.sums:
+        raise UnlearningError(
+            f"client {client_id} never contributed to version {source.version} (or its lineage); nothing changed"
+        )
+    validated = time.perf_counter()
+
+    data = FederationData(runtime.data_dir(profile) / FEDERATION_DIR)
+    server_dir = runtime.data_dir(profile) / SERVER_DIR
+    test_path = str(data.root / "test.safetensors")
+    client_path = str(data.client_path(client_id)) if client_id in data.meta["clients"] else None
+    spec = source_manifest.model
+    input_shape = (1, *data.meta["image_shape"])
+    run_id = tracker.start_run(request_id, tags={
+        "kind": "unlearning", "request_id": request_id, "forgotten_client": client_id,
+        "source_version": source.version, "forgetting_variant": config.unlearn.variant,
+        "teacher": config.unlearn.teacher,
+    })  # fmt: skip
+    try:
+        # 2. Forget.
+        result = forget_task(store_url, source_ref, source_manifest, client_id, config.unlearn.variant)
+        forgotten = time.perf_counter()
+
+        # 3-4. Recover quality by distillation (unless teacher is none).
+        teacher_run_id, server_version, distill_metrics = "none", "none", {}
+        final_state = result.state
+        if config.unlearn.teacher != "none":
+            server_version = dvc_dir_hash(server_dir)
+            if config.unlearn.teacher == "clip":
+                teacher_run_id, fitted, logits = teacher_task(
+                    tracker, config, runtime, str(server_dir), test_path, server_version
+                )
+                distill_metrics.update({f"teacher_{k}": v for k, v in fitted.metrics.items()})
+            else:
+                logits = global_teacher_task(spec, history.read_state(source_manifest.global_state), str(server_dir))
+            teacher_done = time.perf_counter()
+            final_state, metrics = distill_task(spec, result.state, str(server_dir), logits, config)
+            distill_metrics.update(metrics)
+        else:
+            teacher_done = time.perf_counter()
+        distilled = time.perf_counter()
+
+        # 5. Evaluate before / after forgetting / after recovery.
+        before = evaluate_task(spec, history.read_state(source_manifest.global_state), test_path, client_path)
+        after_forget = evaluate_task(spec, result.state, test_path, client_path)
+        after = evaluate_task(spec, final_state, test_path, client_path) if final_state is not result.state else after_forget
+        evaluated = time.perf_counter()
+        metrics = {f"{k}_before": v for k, v in before.items()}
+        metrics |= {f"{k}_forgotten": v for k, v in after_forget.items()}
+        metrics |= {f"{k}_after": v for k, v in after.items()}
+
+        # 6. Archive the deletion (manifest last).
+        recovery = {
+            "teacher": config.unlearn.teacher,
+            "teacher_run_id": teacher_run_id,
+            "teacher_preset": config.teacher.preset if config.unlearn.teacher == "clip" else None,
+            "distill": config.distill.model_dump() if config.unlearn.teacher != "none" else None,
+        }
+        manifest_ref, _ = archive_task(
+            store_url, request_id=request_id, client_id=client_id, variant=config.unlearn.variant,
+            source=source_ref, source_version=source.version, source_manifest=source_manifest,
+            removed=result.removed, forgotten_state=result.state, final_state=final_state,
+            new_sums=result.new_sums, round_scales=result.round_scales, recovery=recovery,
+            data_version=server_version, metrics=metrics,
+        )  # fmt: skip
+        archived = time.perf_counter()
+
+        # 7. Register the unlearned version and move champion.
+        tags = {
+            "kind": "unlearned",
+            "forgotten_client": client_id,
+            "request_id": request_id,
+            "source_version": source.version,
+            "forgetting_variant": config.unlearn.variant,
+            "teacher": config.unlearn.teacher,
+            "teacher_run_id": teacher_run_id,
+            "data_version": server_version,
+            "round": str(source_manifest.server_round),
+            "federation_id": source.tags.get("federation_id", "none"),
+            "manifest_key": manifest_ref.key,
+            "manifest_sha256": manifest_ref.sha256,
+            "parent_version": source.version,
+            "test_accuracy": f"{after['test_accuracy']:.6f}",
+        }
+        tags |= {k: f"{v:.6f}" for k, v in metrics.items()}
+        registered_version = register_task(tracker, run_id, spec, final_state, input_shape, tags)
+        registered = time.perf_counter()
+
+        # 8-10. Flag versions that still contain the client, tombstone, purge.
+        extra = _finalise(tracker, store_url, registered_version, client_id, reason)
+        finished = time.perf_counter()
+        timings = {
+            "validate_s": validated - started,
+            "forget_s": forgotten - validated,
+            "teacher_s": teacher_done - forgotten,
+            "distill_s": distilled - teacher_done,
+            "evaluate_s": evaluated - distilled,
+            "archive_s": archived - evaluated,
+            "register_s": registered - archived,
+            "finalise_s": finished - registered,
+            "total_s": finished - started,
+        }
+        tracker.log_metrics(run_id, {**metrics, **distill_metrics, **timings, "objects_read": result.objects_read}, step=0)
+        tracker.set_tags(run_id, {"unlearned_version": registered_version.version})
+        tracker.end_run(run_id, "FINISHED")
+    except BaseException:
+        tracker.end_run(run_id, "FAILED")
+        raise
+    logger.info(
+        "forgot %s from version %s -> version %s (test accuracy %.4f -> %.4f -> %.4f)",
+        client_id, source.version, registered_version.version, before["test_accuracy"],
+        after_forget["test_accuracy"], after["test_accuracy"],
+    )  # fmt: skip
+    return {
+        "status": "unlearned",
+        "client_id": client_id,
+        "request_id": request_id,
+        "source_version": source.version,
+        "version": registered_version.version,
+        "variant": config.unlearn.variant,
+        "teacher": config.unlearn.teacher,
+        "teacher_run_id": teacher_run_id,
+        "run_id": run_id,
+        "metrics": metrics,
+        "distill": distill_metrics,
+        "timings": timings,
+        **extra,
+    }
