@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from components.data import DATASETS, PrepareSettings
 from components.distillation import DistillSettings
 from components.models import ModelSpec, available_models
+from components.teacher import TeacherSpec
 from components.training import TrainSettings
 
 DEFAULT_PROFILE = "default"
@@ -115,6 +116,7 @@ class FederateConfig(_Section):
     eval_batch_size: int = Field(256, ge=1)
     archive_retries: int = Field(3, ge=0)
     archive_retry_delay_s: float = Field(2.0, ge=0)
+    prefit_teacher: bool = True  # fit the unlearning teacher (if missing) when a federation ends
 
 
 class UnlearnConfig(_Section):
@@ -149,6 +151,9 @@ class TeacherConfig(_Section):
     val_fraction: float = Field(0.25, gt=0, lt=1)
     test_subset: int = Field(1000, ge=1)
     seed: int = 0
+
+    def spec(self) -> TeacherSpec:
+        return TeacherSpec(**self.model_dump(exclude={"test_subset"}))
 
 
 class DistillConfig(_Section):

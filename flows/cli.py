@@ -278,6 +278,38 @@ def unlearn(
     )
 
 
+# --------------------------------------------------------------------------- teacher
+
+
+@app.command()
+def teacher(
+    profile: ProfileOpt = "default",
+    refit: Annotated[bool, typer.Option(help="fit again even if a teacher for this data exists")] = False,
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
+    json_out: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+) -> None:
+    """Fit (or find) the CLIP-Adapter teacher for the current few-shot data version."""
+    _quiet(verbose)
+
+    def run() -> dict[str, Any]:
+        from flows.teacher import teacher as teacher_flow
+
+        with console.status("fitting the teacher (open_clip backbone frozen, adapter trained)..."):
+            return teacher_flow(profile=profile, overrides=_overrides(set_), refit=refit)
+
+    result = _run(run)
+    if json_out:
+        out.print_json(json.dumps(result))
+        return
+    m = result["metrics"]
+    out.print(
+        f"teacher ({result['preset']}) run {result['run_id']} "
+        f"{'reused' if result['reused'] else 'fitted'} for few-shot data {result['data_version'][:12]}: "
+        f"few-shot val accuracy {m['val_accuracy']:.4f}, test-subset accuracy {m.get('test_accuracy', float('nan')):.4f}"
+    )
+
+
 # --------------------------------------------------------------------------- demo
 
 

@@ -23,7 +23,7 @@ from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
 from components.aggregation import ClientResult, ClientUpdate, Strategy, build_strategy
 from components.config import Config, Runtime, load_config
-from components.data import FederationData, dvc_dir_hash
+from components.data import SERVER_DIR, FederationData, dvc_dir_hash
 from components.federation import (
     ClientJob,
     check_results,
@@ -40,6 +40,7 @@ from components.store import ObjectRef, open_store
 from components.training import torch_threads
 from components.unlearning import tombstoned_clients
 from flows.progress import report_progress
+from flows.teacher import teacher_task
 from flows.tracking import Tracker, VersionInfo
 
 
@@ -305,6 +306,11 @@ def federate(
             parent_version = version.version
         tracker.set_alias(versions[-1].version)
         tracker.log_figure(run_id, _plot_convergence(rows), "convergence.png")
+        if config.federate.prefit_teacher and config.unlearn.teacher == "clip":
+            # Deletions reuse it: fitting it now keeps it off a deletion's critical path.
+            server_version = dvc_dir_hash(runtime.data_dir(profile) / SERVER_DIR)
+            teacher_run_id, _, _ = teacher_task(tracker, config, runtime, server_version)
+            tracker.set_tags(run_id, {"teacher_run_id": teacher_run_id})
         tracker.set_tags(run_id, {"final_version": versions[-1].version})
         tracker.end_run(run_id, "FINISHED")
     except BaseException:

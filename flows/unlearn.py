@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -30,7 +29,6 @@ from components.history import Manifest, UnlearningManifest, UpdateHistory, vali
 from components.models import ModelSpec, build_model
 from components.state import StateDict
 from components.store import ObjectRef, open_store
-from components.teacher import FeatureCache, FittedTeacher, TeacherSpec, build_backbone, fit_teacher, teacher_logits
 from components.unlearning import (
     ForgetResult,
     UnlearningError,
@@ -42,9 +40,9 @@ from components.unlearning import (
     validate_client_id,
     write_tombstone,
 )
+from flows.teacher import teacher_task
 from flows.tracking import Tracker, VersionInfo
 
-TEACHER_ARTIFACT = "teacher/head.safetensors"
 CONTAINS_TAG = "contains_forgotten_clients"
 
 
@@ -56,49 +54,6 @@ def forget_task(
     store_url: str, source: ObjectRef, source_manifest: Manifest, client_id: str, variant: str
 ) -> ForgetResult:
     return forget_client(UpdateHistory(open_store(store_url)), source, source_manifest, client_id, variant)
-
-
-def teacher_spec(config: Config) -> TeacherSpec:
-    fields = config.teacher.model_dump(exclude={"test_subset"})
-    return TeacherSpec(**fields)
-
-
-@task(name="fit-teacher", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
-def teacher_task(
-    tracker: Tracker, config: Config, runtime: Runtime, server_dir: str, test_path: str, data_version: str
-) -> tuple[str, FittedTeacher, torch.Tensor]:
-    """Reuse a teacher fitted for the same spec and data, else fit and log one.
-
-    Returns the teacher run id, the fitted head and its logits on the few-shot set.
-    """
-    logger = get_run_logger()
-    spec = teacher_spec(config)
-    few_shot = read_split(f"{server_dir}/few_shot.safetensors")
-    class_names = tuple(FederationData(runtime.data_dir(config.profile) / FEDERATION_DIR).meta["class_names"])
-    key = spec.fit_key(data_version, class_names)
-    cache = FeatureCache(runtime.state_dir / "cache" / "teacher-features")
-    backbone = build_backbone(spec)
-    run_id = tracker.find_run(kind="teacher", teacher_key=key)
-    if run_id is not None:
-        fitted = FittedTeacher.from_bytes(tracker.download(run_id, TEACHER_ARTIFACT).read_bytes(), backbone)
-        logger.info("reusing teacher run %s (key %s)", run_id, key)
-    else:
-        test = read_split(test_path)
-        test = test.subset(range(min(config.teacher.test_subset, len(test))))
-        fitted = fit_teacher(spec, backbone, few_shot, class_names, test, cache)
-        run_id = tracker.start_run(
-            f"teacher-{spec.preset}-{key[:8]}",
-            tags={"kind": "teacher", "teacher_key": key, "preset": spec.preset, "data_version": data_version},
-        )
-        tracker.log_params(run_id, {f"teacher.{k}": v for k, v in asdict(spec).items()})
-        tracker.log_metrics(run_id, fitted.metrics, step=0)
-        tracker.log_bytes(run_id, fitted.to_bytes(), TEACHER_ARTIFACT)
-        tracker.end_run(run_id)
-        logger.info(
-            "fitted teacher %s: few-shot val accuracy %.3f, test-subset accuracy %.3f",
-            run_id, fitted.metrics["val_accuracy"], fitted.metrics.get("test_accuracy", float("nan")),
-        )  # fmt: skip
-    return run_id, fitted, teacher_logits(fitted, backbone, few_shot, cache)
 
 
 @task(name="distill", cache_policy=NO_CACHE)
@@ -288,10 +243,8 @@ def unlearn(
         if config.unlearn.teacher != "none":
             server_version = dvc_dir_hash(server_dir)
             if config.unlearn.teacher == "clip":
-                teacher_run_id, fitted, logits = teacher_task(
-                    tracker, config, runtime, str(server_dir), test_path, server_version
-                )
-                distill_metrics.update({f"teacher_{k}": v for k, v in fitted.metrics.items()})
+                teacher_run_id, teacher_metrics, logits = teacher_task(tracker, config, runtime, server_version)
+                distill_metrics.update({f"teacher_{k}": v for k, v in teacher_metrics.items()})
             else:
                 logits = global_teacher_task(spec, history.read_state(source_manifest.global_state), str(server_dir))
             teacher_done = time.perf_counter()

@@ -34,8 +34,9 @@ def test_unlearn_registers_a_tagged_version_and_keeps_the_client_deleted(tiny_pr
     from flows.unlearn import unlearn
 
     # Prepare
-    run_federate(project=str(tiny_project))
+    federation = run_federate(project=str(tiny_project))
     tracker, store, history = context(tiny_project)
+    prefitted = tracker.client.get_run(federation["run_id"]).data.tags["teacher_run_id"]
     assert len(list_client_objects(store, "client_01")) == 4  # 2 updates + 2 running sums
     # Execute
     result = unlearn(client_id="client_01", project=str(tiny_project), request_id="req-001", reason="ticket 42")
@@ -46,11 +47,13 @@ def test_unlearn_registers_a_tagged_version_and_keeps_the_client_deleted(tiny_pr
     assert version.tags["kind"] == "unlearned" and version.tags["forgotten_client"] == "client_01"
     assert version.tags["request_id"] == "req-001" and version.tags["source_version"] == "2"
     assert version.tags["teacher"] == "clip" and version.tags["data_version"].endswith(".dir")
+    assert version.tags["teacher_run_id"] == prefitted  # fitted when the federation ended, reused here
     assert tracker.alias().version == "3"
     # the teacher run holds the adapter weights (not the backbone) and its metrics
     teacher_run = tracker.client.get_run(version.tags["teacher_run_id"])
     assert {"val_accuracy", "test_accuracy"} <= set(teacher_run.data.metrics)
     assert tracker.download(teacher_run.info.run_id, "teacher/head.safetensors").stat().st_size < 1_000_000
+    assert tracker.download(teacher_run.info.run_id, "teacher/few_shot_logits.safetensors").is_file()
     # earlier versions that contain the client are flagged
     for number in ("1", "2"):
         assert tracker.version(number).tags["contains_forgotten_clients"] == "client_01"
