@@ -6,8 +6,8 @@ Runs, in a scratch store and MLflow database, the real flows on a profile's data
 2. ``unlearn`` of the client with the most data, teacher fitted cold;
 3. ``unlearn`` of a second client, reusing the fitted teacher (the steady state:
    a teacher is fitted once per few-shot data version);
-4. in a separate process, the offline teacher alone: build, fit with cold and
-   with cached features, peak memory.
+4. first of all, in a separate clean process, the teacher alone: build, fit
+   with cold and with cached features, peak memory.
 
 Usage::
 
@@ -68,8 +68,19 @@ def main() -> int:
         "FEDFORGET_PROJECT": str(REPO),
         "FEDFORGET_STORE": str(scratch / "store"),
         "MLFLOW_TRACKING_URI": f"sqlite:///{scratch / 'mlflow.db'}",
+        "FEDFORGET_CACHE": str(scratch / "cache"),  # cold features for the first fit
     }
     os.environ.update(env)
+
+    # The teacher alone first, in a clean process (its peak memory is the figure).
+    probe = subprocess.run(
+        [sys.executable, "-c", TEACHER_PROBE, args.profile, str(scratch / "probe-features")],
+        capture_output=True, text=True, env=dict(os.environ), cwd=REPO,
+    )  # fmt: skip
+    if probe.returncode != 0:
+        print(probe.stderr, file=sys.stderr)
+        return 1
+    teacher = json.loads(probe.stdout.strip().splitlines()[-1])
 
     from components.config import Runtime
     from components.data import FederationData
@@ -110,15 +121,6 @@ def main() -> int:
             "teacher_test_accuracy": result["distill"].get("teacher_test_accuracy"),
             "teacher_val_accuracy": result["distill"].get("teacher_val_accuracy"),
         }
-
-    probe = subprocess.run(
-        [sys.executable, "-c", TEACHER_PROBE, args.profile, str(scratch / "features")],
-        capture_output=True, text=True, env={**os.environ, **env}, cwd=REPO,
-    )  # fmt: skip
-    if probe.returncode != 0:
-        print(probe.stderr, file=sys.stderr)
-        return 1
-    teacher = json.loads(probe.stdout.strip().splitlines()[-1])
 
     result = {
         "profile": args.profile,

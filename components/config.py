@@ -10,66 +10,37 @@ never at import time.
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from components.data import DATASETS, PrepareSettings
+from components.data import DataConfig
 from components.distillation import DistillSettings
 from components.models import ModelSpec, available_models
 from components.teacher import TeacherSpec
+from components.params import (
+    DEFAULT_PROFILE,
+    ConfigError,
+    Section,
+    find_project_root,
+    params_file,
+    parse_override,
+    read_params,
+    resolve_sections,
+    validate,
+)
 from components.training import TrainSettings
 
-DEFAULT_PROFILE = "default"
+__all__ = [
+    "DEFAULT_PROFILE", "Config", "ConfigError", "DataConfig", "Runtime", "build_config",
+    "find_project_root", "load_config", "parse_override", "read_params",
+]  # fmt: skip
 
 
-class ConfigError(ValueError):
-    """params.yaml (or an override) is missing, malformed or invalid."""
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class DataConfig(_Section):
-    """The ``data`` section: what the ``prepare`` stage writes."""
-
-    dataset: str = "fashion-mnist"
-    raw_dir: str | None = None
-    num_clients: int = Field(10, ge=2)
-    alpha: float = Field(0.5, gt=0)
-    shots: int = Field(16, ge=1)
-    min_client_examples: int = Field(10, ge=1)
-    max_train_examples: int | None = Field(None, ge=1)
-    test_size: int | None = Field(None, ge=1)
-    seed: int = 42
-
-    @field_validator("dataset")
-    @classmethod
-    def _known_dataset(cls, value: str) -> str:
-        if value not in DATASETS:
-            raise ValueError(f"unknown dataset {value!r}; choose one of {', '.join(DATASETS)}")
-        return value
-
-    def prepare_settings(self) -> PrepareSettings:
-        return PrepareSettings(
-            dataset=self.dataset,
-            num_clients=self.num_clients,
-            alpha=self.alpha,
-            shots=self.shots,
-            seed=self.seed,
-            min_client_examples=self.min_client_examples,
-            max_train_examples=self.max_train_examples,
-            test_size=self.test_size,
-        )
-
-
-class ModelConfig(_Section):
+class ModelConfig(Section):
     """The ``model`` section: the student architecture (sizes from the data are added)."""
 
     name: str = "cnn"
@@ -90,7 +61,7 @@ class ModelConfig(_Section):
         return ModelSpec(self.name, {**derived, **self.args})
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     """The ``train`` section: local training of every client."""
 
     local_epochs: int = Field(1, ge=1)
@@ -103,7 +74,7 @@ class TrainConfig(_Section):
         return TrainSettings(**self.model_dump())
 
 
-class FederateConfig(_Section):
+class FederateConfig(Section):
     """The ``federate`` section: rounds, strategy, parallelism."""
 
     rounds: int = Field(5, ge=1)
@@ -119,7 +90,7 @@ class FederateConfig(_Section):
     prefit_teacher: bool = True  # fit the unlearning teacher (if missing) when a federation ends
 
 
-class UnlearnConfig(_Section):
+class UnlearnConfig(Section):
     """The ``unlearn`` section: how a client is forgotten and quality restored."""
 
     variant: Literal["subtract", "renormalise"] = "subtract"
@@ -127,7 +98,7 @@ class UnlearnConfig(_Section):
     seed: int = 0
 
 
-class TeacherConfig(_Section):
+class TeacherConfig(Section):
     """The ``teacher`` section: the CLIP-Adapter teacher fitted on the few-shot data.
 
     ``preset``: ``offline`` (EfficientNet-Lite0 + MiniLM from registry packages,
@@ -156,7 +127,7 @@ class TeacherConfig(_Section):
         return TeacherSpec(**self.model_dump(exclude={"test_subset"}))
 
 
-class DistillConfig(_Section):
+class DistillConfig(Section):
     """The ``distill`` section: recovery training of the unlearned student."""
 
     epochs: int = Field(20, ge=0)
@@ -170,7 +141,7 @@ class DistillConfig(_Section):
         return DistillSettings(**self.model_dump())
 
 
-class RegistryConfig(_Section):
+class RegistryConfig(Section):
     """The ``registry`` section: MLflow names."""
 
     model_name: str = "fedforget"
@@ -178,7 +149,7 @@ class RegistryConfig(_Section):
     champion_alias: str = "champion"
 
 
-class Config(_Section):
+class Config(Section):
     """All of ``params.yaml`` for one profile."""
 
     profile: str = DEFAULT_PROFILE
@@ -192,76 +163,15 @@ class Config(_Section):
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
 
 
-def _deep_merge(base: dict[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
-    merged = copy.deepcopy(base)
-    for key, value in overlay.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """Parse ``section.key=value`` (the value is read as YAML: 3, 0.1, null, [1, 2])."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip() or "." not in key:
-        raise ConfigError(f"override {text!r} is not of the form section.key=value")
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from None
-    return key.strip(), value
-
-
-def _apply_override(raw: dict[str, Any], dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    node = raw
-    for part in parents:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {dotted}: {part} is not a section")
-        node = child
-    node[leaf] = value
-
-
-def read_params(path: str | Path) -> dict[str, Any]:
-    """Read a params file as a plain dict (what DVC sees)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"params file {path} not found (set FEDFORGET_PARAMS or run from the project)")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must hold a mapping of sections")
-    return raw
-
-
 def build_config(
     raw: Mapping[str, Any],
     profile: str = DEFAULT_PROFILE,
     overrides: Mapping[str, Any] | None = None,
 ) -> Config:
     """Validate ``raw`` params for ``profile`` with ``overrides`` applied."""
-    base = {k: v for k, v in raw.items() if k != "profiles"}
-    profiles = raw.get("profiles") or {}
-    if profile != DEFAULT_PROFILE:
-        if profile not in profiles:
-            known = [DEFAULT_PROFILE, *sorted(profiles)]
-            raise ConfigError(f"unknown profile {profile!r}; known: {', '.join(known)}")
-        base = _deep_merge(base, profiles[profile] or {})
-    for dotted, value in (overrides or {}).items():
-        _apply_override(base, dotted, value)
-    base["profile"] = profile
-    try:
-        return Config.model_validate(base)
-    except ValidationError as exc:
-        lines = [
-            f"  {'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        ]
-        raise ConfigError("invalid params:\n" + "\n".join(lines)) from None
+    sections = resolve_sections(raw, profile, overrides)
+    sections["profile"] = profile
+    return validate(Config, sections)
 
 
 def load_config(
@@ -272,21 +182,6 @@ def load_config(
 
 
 # --------------------------------------------------------------------------- environment
-
-
-def find_project_root(start: str | Path | None = None) -> Path:
-    """``FEDFORGET_PROJECT``, else the nearest folder upwards holding params.yaml."""
-    env = os.environ.get("FEDFORGET_PROJECT")
-    if env:
-        return Path(env).expanduser().resolve()
-    here = Path(start or Path.cwd()).resolve()
-    for folder in (here, *here.parents):
-        if (folder / "params.yaml").is_file():
-            return folder
-    raise ConfigError(
-        f"no params.yaml in {here} or above; run fedforget inside the project "
-        "or set FEDFORGET_PROJECT"
-    )
 
 
 class Runtime(BaseModel):
@@ -306,6 +201,7 @@ class Runtime(BaseModel):
     store: str
     tracking_uri: str
     raw_dir: str | None = None
+    cache: Path | None = None
 
     @property
     def state_dir(self) -> Path:
@@ -314,6 +210,11 @@ class Runtime(BaseModel):
     @property
     def default_tracking(self) -> bool:
         return self.tracking_uri == default_tracking_uri(self.root)
+
+    @property
+    def cache_dir(self) -> Path:
+        """Derived data that can be rebuilt (e.g. frozen teacher features)."""
+        return self.cache or self.state_dir / "cache"
 
     @property
     def artifact_root(self) -> Path:
@@ -326,13 +227,14 @@ class Runtime(BaseModel):
     def from_env(cls, project: str | Path | None = None) -> Runtime:
         """Resolve from the environment; ``project`` (a folder) wins over discovery."""
         root = Path(project).expanduser().resolve() if project else find_project_root()
-        params = Path(os.environ.get("FEDFORGET_PARAMS") or root / "params.yaml")
+        params = params_file(root)
         return cls(
             root=root,
             params_path=params,
             store=os.environ.get("FEDFORGET_STORE") or str(root / ".fedforget" / "store"),
             tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root),
             raw_dir=os.environ.get("FEDFORGET_RAW_DIR") or None,
+            cache=Path(os.environ["FEDFORGET_CACHE"]) if os.environ.get("FEDFORGET_CACHE") else None,
         )
 
 

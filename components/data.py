@@ -29,7 +29,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import Field, field_validator
 from safetensors.torch import load_file, save_file
+
+from components.params import Section
 
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -340,6 +343,30 @@ def dvc_dir_hash(path: str | Path) -> str:
 
 
 # --------------------------------------------------------------------------- prepared layout
+
+
+class DataConfig(Section):
+    """The ``data`` params section: what the ``prepare`` stage writes."""
+
+    dataset: str = "fashion-mnist"
+    raw_dir: str | None = None
+    num_clients: int = Field(10, ge=2)
+    alpha: float = Field(0.5, gt=0)
+    shots: int = Field(16, ge=1)
+    min_client_examples: int = Field(10, ge=1)
+    max_train_examples: int | None = Field(None, ge=1)
+    test_size: int | None = Field(None, ge=1)
+    seed: int = 42
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, value: str) -> str:
+        if value not in DATASETS:
+            raise ValueError(f"unknown dataset {value!r}; choose one of {', '.join(DATASETS)}")
+        return value
+
+    def prepare_settings(self) -> PrepareSettings:
+        return PrepareSettings(**self.model_dump(exclude={"raw_dir"}))
 
 
 @dataclass(frozen=True)

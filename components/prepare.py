@@ -2,36 +2,40 @@
 
 Run by DVC (see ``dvc.yaml``) as ``python -m components.prepare --profile P``;
 ``fedforget prepare`` validates first and then asks DVC to run it, so the
-result is versioned in ``dvc.lock``.
+result is versioned in ``dvc.lock``. This module depends only on
+``components/params.py`` and ``components/data.py`` (the stage's deps).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from components.config import DEFAULT_PROFILE, Config, ConfigError, Runtime, load_config
-from components.data import DataError, RawDataset, load_raw, validate_settings
+from components.data import DataConfig, DataError, RawDataset, load_raw, prepare_data, validate_settings
+from components.params import DEFAULT_PROFILE, ConfigError, find_project_root, params_file, read_params, resolve_sections, validate
 
 
-def load_raw_for(config: Config, runtime: Runtime) -> RawDataset:
-    """The raw dataset named by the config (``FEDFORGET_RAW_DIR`` wins over params)."""
-    return load_raw(config.data.dataset, runtime.raw_dir or config.data.raw_dir)
+def data_config(params_path: Path, profile: str = DEFAULT_PROFILE) -> DataConfig:
+    """The validated ``data`` section of ``params_path`` for ``profile``."""
+    sections = resolve_sections(read_params(params_path), profile)
+    return validate(DataConfig, sections.get("data") or {}, prefix="data")
 
 
-def check(config: Config, runtime: Runtime) -> RawDataset:
-    """Everything that can be checked before anything is written."""
-    raw = load_raw_for(config, runtime)
-    validate_settings(config.data.prepare_settings(), raw)
+def check(config: DataConfig, raw_dir: str | None = None) -> RawDataset:
+    """Load the raw data and check the params against it, before anything is written.
+
+    ``raw_dir`` (from ``FEDFORGET_RAW_DIR``) wins over ``data.raw_dir``.
+    """
+    raw = load_raw(config.dataset, raw_dir or config.raw_dir)
+    validate_settings(config.prepare_settings(), raw)
     return raw
 
 
-def prepare(config: Config, out_dir: Path, raw: RawDataset) -> dict[str, Any]:
-    from components.data import prepare_data
-
-    return prepare_data(config.data.prepare_settings(), out_dir, raw)
+def prepare(config: DataConfig, out_dir: Path, raw: RawDataset) -> dict[str, Any]:
+    return prepare_data(config.prepare_settings(), out_dir, raw)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,10 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default=DEFAULT_PROFILE)
     args = parser.parse_args(argv)
     try:
-        runtime = Runtime.from_env()
-        config = load_config(runtime.params_path, args.profile)
-        raw = check(config, runtime)
-        meta = prepare(config, runtime.data_dir(args.profile), raw)
+        root = find_project_root()
+        config = data_config(params_file(root), args.profile)
+        raw = check(config, os.environ.get("FEDFORGET_RAW_DIR"))
+        out_dir = root / "data" / args.profile
+        meta = prepare(config, out_dir, raw)
     except (ConfigError, DataError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -50,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"prepared {fed['dataset']} for profile {args.profile}: {len(fed['clients'])} clients, "
         f"{fed['test']['num_examples']} test, {meta['server']['few_shot']['num_examples']} "
-        f"few-shot -> {runtime.data_dir(args.profile)}"
+        f"few-shot -> {out_dir}"
     )
     return 0
 

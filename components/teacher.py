@@ -544,13 +544,12 @@ def fit_teacher(
     features = cache.get(backbone, few_shot)
     features_s = time.perf_counter() - start
     train_idx, val_idx = split_few_shot(few_shot.labels.numpy(), spec.val_fraction, spec.seed)
-    head = AdapterHead(
-        backbone.text_features(class_names),
-        spec.adapter_alpha,
-        backbone.logit_scale,
-        spec.adapter_reduction,
-        backbone.projection,
-    )
+    text_features = backbone.text_features(class_names)
+    with torch.random.fork_rng(devices=[]):  # the adapter's initial weights depend on the seed only
+        torch.manual_seed(spec.seed)
+        head = AdapterHead(
+            text_features, spec.adapter_alpha, backbone.logit_scale, spec.adapter_reduction, backbone.projection
+        )
     labels = few_shot.labels
     metrics = fit_head(head, features[train_idx], labels[train_idx], features[val_idx], labels[val_idx], spec)
     metrics["features_s"] = features_s

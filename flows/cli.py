@@ -101,8 +101,8 @@ def prepare_data(profile: str, use_dvc: bool = True, push: bool = True) -> dict[
     from components.prepare import check, prepare
 
     runtime = Runtime.from_env()
-    config = load_config(runtime.params_path, profile)
-    raw = check(config, runtime)  # fails before DVC deletes any old output
+    config = load_config(runtime.params_path, profile)  # every section, not just data
+    raw = check(config.data, runtime.raw_dir)  # fails before DVC deletes any old output
     out_dir = runtime.data_dir(profile)
     dvc_used = use_dvc and (runtime.root / ".dvc").is_dir() and (runtime.root / "dvc.yaml").is_file()
     if dvc_used:
@@ -114,7 +114,7 @@ def prepare_data(profile: str, use_dvc: bool = True, push: bool = True) -> dict[
             if pushed.returncode != 0:
                 raise UsageError(f"`dvc push` failed:\n{pushed.stderr.strip() or pushed.stdout.strip()}")
     else:
-        prepare(config, out_dir, raw)
+        prepare(config.data, out_dir, raw)
     meta = json.loads((out_dir / FEDERATION_DIR / "meta.json").read_text())
     return {
         "profile": profile,

@@ -49,7 +49,7 @@ def teacher_task(
     few_shot = read_split(data_dir / SERVER_DIR / "few_shot.safetensors")
     test = federation.test()
     test = test.subset(range(min(config.teacher.test_subset, len(test))))
-    cache = FeatureCache(runtime.state_dir / "cache" / "teacher-features")
+    cache = FeatureCache(runtime.cache_dir / "teacher-features")
     backbone = build_backbone(spec)
     fitted = fit_teacher(spec, backbone, few_shot, class_names, test, cache)
     logits = teacher_logits(fitted, backbone, few_shot, cache)

@@ -48,7 +48,7 @@ def write_project(root: Path, params: dict[str, Any], profile: str = "default") 
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     runtime = Runtime.from_env(root)
     config = load_config(runtime.params_path, profile)
-    prepare(config, runtime.data_dir(profile), check(config, runtime))
+    prepare(config.data, runtime.data_dir(profile), check(config.data, runtime.raw_dir))
     return root
 
 

@@ -155,3 +155,10 @@ def test_offline_preset_loads_its_real_weights_without_network(monkeypatch):
     torch.testing.assert_close(ours, reference.float(), atol=1e-5, rtol=1e-4)
     assert backbone.image_size == 112 and backbone.mean == (0.5, 0.5, 0.5)
     assert backbone.projection is not None  # trained with the adapter in this preset
+
+
+def test_fitting_is_reproducible(tiny_backbone, digits_few_shot):
+    few_shot, _ = digits_few_shot
+    a = fit_teacher(TINY, tiny_backbone, few_shot, DIGIT_CLASSES).head.state_dict()
+    b = fit_teacher(TINY, tiny_backbone, few_shot, DIGIT_CLASSES).head.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
