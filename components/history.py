@@ -492,6 +492,26 @@ class UpdateHistory:
         return ref, committed
 
 
+def uncommitted_round_objects(store: ObjectStore, federation_id: str) -> list[str]:
+    """Objects of a federation's rounds that never got their manifest (never committed).
+
+    When no round of the federation was committed, its initial state is
+    included too. Only call this for a federation known to have stopped.
+    """
+    prefix = UpdateHistory.federation_prefix(federation_id)
+    keys = store.list(prefix)
+
+    def round_of(key: str) -> str | None:
+        parts = key[len(prefix) :].split("/")
+        return parts[1] if len(parts) > 2 and parts[0] == "rounds" else None
+
+    committed = {round_of(k) for k in keys if k.endswith("/manifest.json")}
+    garbage = [k for k in keys if round_of(k) is not None and round_of(k) not in committed]
+    if not committed:
+        garbage += [k for k in keys if k == f"{prefix}initial.safetensors"]
+    return garbage
+
+
 def verify_manifest(store: ObjectStore, manifest: Manifest) -> list[str]:
     """Check every object a manifest references; return the problems found."""
     problems = []

@@ -344,12 +344,16 @@ class S3Store(ObjectStore):
 
 
 def open_store(location: str | Path) -> ObjectStore:
-    """Open ``s3://bucket[/prefix]`` as :class:`S3Store`, anything else as a folder."""
+    """Open ``s3://bucket[/prefix]`` as :class:`S3Store`, anything else as a folder.
+
+    ``FEDFORGET_S3_MAX_ATTEMPTS`` sets botocore's retry budget per request (default 5).
+    """
     text = str(location)
     if text.startswith("s3://"):
         rest = text[len("s3://") :]
         bucket, _, prefix = rest.partition("/")
-        return S3Store(bucket, prefix)
+        attempts = int(os.environ.get("FEDFORGET_S3_MAX_ATTEMPTS") or 5)
+        return S3Store(bucket, prefix, max_attempts=attempts)
     if "://" in text:
         raise ValueError(f"unsupported store location {text!r}: use s3://bucket/prefix or a path")
     return LocalStore(text)

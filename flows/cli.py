@@ -89,6 +89,20 @@ def _dvc(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _ensure_remote_bucket(root: Path, remote: str | None) -> None:
+    """DVC does not create buckets: create the S3 remote's bucket if it is missing."""
+    listed = _dvc(root, "remote", "list")
+    remotes = dict(line.split()[:2] for line in listed.stdout.splitlines() if len(line.split()) >= 2)
+    if remote is None:
+        default = _dvc(root, "remote", "default").stdout.strip()
+        remote = default or None
+    url = remotes.get(remote or "", "")
+    if url.startswith("s3://"):
+        from components.store import S3Store
+
+        S3Store(url[len("s3://") :].split("/", 1)[0])._ensure_bucket()
+
+
 def stage_name(profile: str) -> str:
     """The dvc.yaml stage that prepares ``profile``'s data."""
     return "prepare" if profile == "default" else f"prepare_{profile}"
@@ -110,7 +124,9 @@ def prepare_data(profile: str, use_dvc: bool = True, push: bool = True) -> dict[
         if result.returncode != 0:
             raise UsageError(f"`dvc repro {stage_name(profile)}` failed:\n{result.stderr.strip() or result.stdout.strip()}")
         if push:
-            pushed = _dvc(runtime.root, "push", stage_name(profile))
+            remote = os.environ.get("FEDFORGET_DVC_REMOTE") or None
+            _ensure_remote_bucket(runtime.root, remote)
+            pushed = _dvc(runtime.root, "push", *(["-r", remote] if remote else []), stage_name(profile))
             if pushed.returncode != 0:
                 raise UsageError(f"`dvc push` failed:\n{pushed.stderr.strip() or pushed.stdout.strip()}")
     else:
@@ -133,7 +149,7 @@ def prepare_data(profile: str, use_dvc: bool = True, push: bool = True) -> dict[
 def prepare(
     profile: ProfileOpt = "default",
     dvc: Annotated[bool, typer.Option(help="run through DVC (dvc repro + dvc push)")] = True,
-    push: Annotated[bool, typer.Option(help="push the data to the DVC remote")] = True,
+    push: Annotated[bool, typer.Option(help="push the data to the DVC remote ($FEDFORGET_DVC_REMOTE, else DVC's default)")] = True,
 ) -> None:
     """Prepare the data: client shards, test set and few-shot server set under data/<profile>/."""
     _quiet(False)

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run as current_flow_run
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
 from components.aggregation import ClientResult, ClientUpdate, Strategy, build_strategy
@@ -33,7 +34,7 @@ from components.federation import (
     manifest_ref_from_tags,
     run_client,
 )
-from components.history import LineageHead, Manifest, UpdateHistory
+from components.history import LineageHead, Manifest, UpdateHistory, uncommitted_round_objects
 from components.models import ModelSpec, init_model
 from components.state import StateDict
 from components.store import ObjectRef, open_store
@@ -42,6 +43,8 @@ from components.unlearning import tombstoned_clients
 from flows.progress import report_progress
 from flows.teacher import teacher_task
 from flows.tracking import Tracker, VersionInfo
+
+COLLECTED_TAG = "archive_collected"
 
 
 @task(name="train-client", cache_policy=NO_CACHE, task_run_name="train-{job.client_id}-r{job.server_round}")
@@ -95,6 +98,34 @@ def register_version_task(
     return tracker.register_model(
         run_id, spec, state, input_shape, f"global-round-{server_round:05d}", tags
     )
+
+
+@task(name="collect-failed-runs", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
+def collect_garbage_task(tracker: Tracker, store_url: str) -> dict[str, int]:
+    """Delete what failed runs left in the store: rounds never committed, deletions never registered.
+
+    Only runs whose MLflow run ended FAILED are touched (a run still marked
+    RUNNING, e.g. after a hard crash, is left alone); each is collected once.
+    """
+    store = open_store(store_url)
+    removed = {"federations": 0, "deletions": 0, "objects": 0}
+    for run_id, tags in tracker.failed_runs("federation", unless_tag=COLLECTED_TAG):
+        keys = uncommitted_round_objects(store, tags["federation_id"])
+        for key in keys:
+            store.delete(key)
+        removed["federations"] += 1
+        removed["objects"] += len(keys)
+        tracker.set_tags(run_id, {COLLECTED_TAG: str(len(keys))})
+    for run_id, tags in tracker.failed_runs("unlearning", unless_tag=COLLECTED_TAG):
+        keys = []
+        if not tracker.find_versions(request_id=tags["request_id"]):  # never registered: unreferenced
+            keys = store.list(UpdateHistory.unlearning_prefix(tags["request_id"]))
+            for key in keys:
+                store.delete(key)
+        removed["deletions"] += 1
+        removed["objects"] += len(keys)
+        tracker.set_tags(run_id, {COLLECTED_TAG: str(len(keys))})
+    return removed
 
 
 def new_federation_id() -> str:
@@ -184,6 +215,12 @@ def federate(
     tracker = Tracker(runtime, config.registry)
     strategy = build_strategy(config.federate.strategy, clients_per_round=config.federate.clients_per_round)
     federation_id = new_federation_id()
+    collected = collect_garbage_task(tracker, runtime.store)
+    if collected["objects"]:
+        logger.warning(
+            "removed %d objects that %d failed federation(s) and %d failed deletion(s) left uncommitted",
+            collected["objects"], collected["federations"], collected["deletions"],
+        )  # fmt: skip
 
     threads = max(1, (os.cpu_count() or 1) // config.federate.max_workers)
     in_threads = config.federate.task_runner == "threads"
@@ -208,6 +245,7 @@ def federate(
             "data_version": data_version,
             "store": store.url,
             "resumed_from_version": parent_version or "none",
+            "prefect_flow_run_id": str(current_flow_run.id),
         },
     )
     flat = {f"{section}.{k}": v for section in ("data", "model", "train", "federate") for k, v in getattr(config, section).model_dump().items()}
@@ -320,6 +358,7 @@ def federate(
     return {
         "federation_id": federation_id,
         "run_id": run_id,
+        "prefect_flow_run_id": str(current_flow_run.id),
         "profile": profile,
         "store": store.url,
         "tracking_uri": runtime.tracking_uri,

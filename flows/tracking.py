@@ -28,6 +28,7 @@ MODEL_PIP_REQUIREMENTS = (f"torch=={torch.__version__.split('+')[0]}",)
 _QUIET = {
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "MLFLOW_LOGGING_LEVEL": "WARNING",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
     "MLFLOW_DISABLE_TELEMETRY": "true",
 }
 
@@ -229,6 +230,13 @@ class Tracker:
             [self.experiment_id], " and ".join(clauses), order_by=["attributes.start_time DESC"], max_results=1
         )
         return runs[0].info.run_id if runs else None
+
+    def failed_runs(self, kind: str, unless_tag: str) -> list[tuple[str, dict[str, str]]]:
+        """Runs of ``kind`` that ended FAILED and do not carry ``unless_tag`` yet."""
+        runs = self.client.search_runs(
+            [self.experiment_id], f"tags.kind = '{kind}' and attributes.status = 'FAILED'", max_results=1000
+        )
+        return [(r.info.run_id, dict(r.data.tags)) for r in runs if unless_tag not in r.data.tags]
 
     def download(self, run_id: str, artifact_path: str) -> Path:
         """A local copy of one artifact of a run."""

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run as current_flow_run
 
 from components.config import Config, Runtime, load_config
 from components.data import FEDERATION_DIR, SERVER_DIR, FederationData, dvc_dir_hash, read_split
@@ -230,7 +231,7 @@ def unlearn(
     run_id = tracker.start_run(request_id, tags={
         "kind": "unlearning", "request_id": request_id, "forgotten_client": client_id,
         "source_version": source.version, "forgetting_variant": config.unlearn.variant,
-        "teacher": config.unlearn.teacher,
+        "teacher": config.unlearn.teacher, "prefect_flow_run_id": str(current_flow_run.id),
     })  # fmt: skip
     try:
         # 2. Forget.
@@ -335,6 +336,7 @@ def unlearn(
         "teacher": config.unlearn.teacher,
         "teacher_run_id": teacher_run_id,
         "run_id": run_id,
+        "prefect_flow_run_id": str(current_flow_run.id),
         "metrics": metrics,
         "distill": distill_metrics,
         "timings": timings,

@@ -94,4 +94,10 @@ def test_a_non_finite_update_commits_nothing(tiny_project):
     tracker, runtime = tracker_for(tiny_project)
     assert tracker.versions() == []
     assert tracker.alias() is None
-    assert not [k for k in open_store(runtime.store).list() if k.endswith("manifest.json")]
+    store = open_store(runtime.store)
+    assert not [k for k in store.list() if k.endswith("manifest.json")]
+    failed = store.list("federations/")  # the failed federation's initial state, never committed
+    assert len(failed) == 1 and failed[0].endswith("initial.safetensors")
+    # the next run removes what the failed one left, and only that
+    ok = run_federate(project=str(tiny_project), rounds=1)
+    assert all(k.startswith(f"federations/{ok['federation_id']}/") for k in store.list("federations/"))
