@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -294,8 +295,9 @@ class LineageHead:
 class UpdateHistory:
     """Reads and writes the archived history in an :class:`ObjectStore`."""
 
-    def __init__(self, store: ObjectStore) -> None:
+    def __init__(self, store: ObjectStore, io_workers: int = 4) -> None:
         self.store = store
+        self.io_workers = io_workers
 
     # ---- keys
     @staticmethod
@@ -373,12 +375,13 @@ class UpdateHistory:
             raise ValueError(f"round {server_round} does not follow round {head.server_round}")
         prefix = self.round_prefix(federation_id, server_round)
         metrics = metrics or {}
-        entries: list[ClientEntry] = []
-        sums = dict(head.sums)
-        for update in sorted(updates, key=lambda u: u.client_id):
-            cid = validate_id(update.client_id, "client id")
+        for update in updates:
+            validate_id(update.client_id, "client id")
             if update.server_round != server_round:
-                raise ValueError(f"update of {cid} is for round {update.server_round}")
+                raise ValueError(f"update of {update.client_id} is for round {update.server_round}")
+
+        def archive_client(update: ClientUpdate) -> tuple[ClientEntry, ObjectRef]:
+            cid = update.client_id
             meta = {
                 "kind": "update",
                 "client_id": cid,
@@ -387,22 +390,33 @@ class UpdateHistory:
                 "weight": update.weight,
             }
             ref = self.write_state(f"{prefix}updates/{cid}.safetensors", update.delta, meta)
-            entries.append(
-                ClientEntry(cid, update.num_examples, update.weight, ref, dict(metrics.get(cid, {})))
-            )
+            entry = ClientEntry(cid, update.num_examples, update.weight, ref, dict(metrics.get(cid, {})))
             contribution = update.contribution()
-            previous = sums.get(cid)
+            previous = head.sums.get(cid)
             running = add(self.read_state(previous), contribution) if previous else contribution
-            sums[cid] = self.write_state(
+            sum_ref = self.write_state(
                 f"{prefix}sums/{cid}.safetensors",
                 running,
                 {"kind": "running_sum", "client_id": cid, "server_round": server_round},
             )
-        global_ref = self.write_state(
-            f"{prefix}global.safetensors",
-            clone_state(new_state),
-            {"kind": "global", "server_round": server_round, "model": model.to_dict()},
-        )
+            return entry, sum_ref
+
+        def archive_global() -> ObjectRef:
+            return self.write_state(
+                f"{prefix}global.safetensors",
+                clone_state(new_state),
+                {"kind": "global", "server_round": server_round, "model": model.to_dict()},
+            )
+
+        # Object writes are I/O-bound (S3 requests, fsync): overlap them. The
+        # manifest, the commit point, is written only after all of them succeeded.
+        ordered = sorted(updates, key=lambda u: u.client_id)
+        with ThreadPoolExecutor(max_workers=self.io_workers) as pool:
+            global_future = pool.submit(archive_global)
+            archived = list(pool.map(archive_client, ordered))
+            global_ref = global_future.result()
+        entries = [entry for entry, _ in archived]
+        sums = dict(head.sums) | {entry.client_id: sum_ref for entry, sum_ref in archived}
         manifest = RoundManifest(
             federation_id=federation_id,
             server_round=server_round,

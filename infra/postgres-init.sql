@@ -1,0 +1,2 @@
+-- Prefect's database (MLflow's, 'mlflow', is created by POSTGRES_DB).
+CREATE DATABASE prefect;
