@@ -65,7 +65,7 @@ def _run(fn: Any, *args: Any, **kwargs: Any) -> Any:
 
     try:
         return fn(*args, **kwargs)
-    except (UsageError, ConfigError, DataError, StoreError, ValueError, KeyError) as exc:  # incl. UnlearningError
+    except (UsageError, ConfigError, DataError, StoreError, ValueError, KeyError) as exc:  # incl. UnlearningError, AuditTargetError
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         console.print(f"[red]error:[/red] {message}")
         raise typer.Exit(2) from None
@@ -294,6 +294,71 @@ def unlearn(
     )
 
 
+# --------------------------------------------------------------------------- audit
+
+
+@app.command()
+def audit(
+    version: Annotated[Optional[str], typer.Option(help="the registered version to audit")] = None,
+    alias: Annotated[Optional[str], typer.Option(help="or an alias (default: champion)")] = None,
+    client: Annotated[Optional[str], typer.Option(help="answer whether this client's contributions are in it")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="folder for audit.md, lineage.png, audit.json")] = None,
+    profile: ProfileOpt = "default",
+    verbose: VerboseOpt = False,
+    json_out: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+) -> None:
+    """What is in a model version: lineage, deletions, every archived hash verified.
+
+    Exit status: 0 verified (with --client: the client is absent), 1 the client
+    is present, 3 findings (a missing or changed object, a broken tag), 2 usage.
+    """
+    _quiet(verbose)
+
+    def run() -> dict[str, Any]:
+        from flows.audit import audit_flow
+
+        with console.status("auditing (walking the lineage, hashing every archived object)..."):
+            return audit_flow(version=version, alias=alias, client=client, profile=profile, out_dir=str(out) if out else None)
+
+    result = _run(run)
+    report = result["report"]
+    if json_out:
+        out_console_json(report)
+    else:
+        _print_audit(report, result)
+    raise typer.Exit(result["exit_code"])
+
+
+def out_console_json(data: dict[str, Any]) -> None:
+    # Plain print: rich would wrap long lines of machine-readable output.
+    print(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _print_audit(report: dict[str, Any], result: dict[str, Any]) -> None:
+    from components.audit_render import VERDICTS
+
+    out.print(f"[bold]version {report['version']}[/bold] ({report['version_kind']}): {VERDICTS[report['verdict']]}")
+    if report["client"] is not None:
+        c = report["client"]
+        out.print(f"client {c['client_id']}: {'[red]PRESENT[/red]' if c['present'] else '[green]absent[/green]'}")
+    table = Table(title="lineage (newest first)")
+    for column in ("step", "version", "round", "clients / deletion", "flags"):
+        table.add_column(column)
+    for node in report["lineage"]:
+        if node["deletion"]:
+            what = f"deleted {node['deletion']['client_id']} (request {node['deletion']['request_id']})"
+        else:
+            what = ", ".join(f"{c['client_id']}:{c['weight']:.2f}" for c in node["clients"])
+        flags = ("contains forgotten " + ",".join(node["contains_forgotten_clients"])) if node["contains_forgotten_clients"] else ""
+        table.add_row(node["kind"], node["version"] or "-", str(node["server_round"]), what, flags)
+    out.print(table)
+    o = report["objects"]
+    out.print(f"objects: {o['checked']} checked, {o['ok']} ok, {o['purged']} purged, {o['missing']} missing, {o['mismatch']} changed")
+    for finding in report["findings"]:
+        out.print(f"[red]finding[/red] {finding['kind']}: {finding['message']}")
+    out.print(f"report: {result['files']['markdown']} (logged to MLflow run {result['run_id']})")
+
+
 # --------------------------------------------------------------------------- teacher
 
 
@@ -331,7 +396,7 @@ def teacher(
 
 @app.command()
 def demo(verbose: VerboseOpt = False) -> None:
-    """The whole story on the quick profile: prepare, federate, forget a client, summary."""
+    """The whole story on the quick profile: prepare, federate, forget a client, audit, summary."""
     _quiet(verbose)
     out.rule("[bold]FedForget demo[/bold] (profile quick)")
     data = _run(prepare_data, QUICK_PROFILE)
@@ -356,12 +421,23 @@ def demo(verbose: VerboseOpt = False) -> None:
         f"versions {', '.join(result['flagged_versions'])} tagged contains_forgotten_clients; "
         f"champion -> version {result['version']}"
     )
+    from flows.audit import audit_flow
+
+    checked = _run(audit_flow, client=target, profile=QUICK_PROFILE)
+    report = checked["report"]
+    out.print(
+        f"4. audit of version {report['version']}: {target} "
+        f"{'[red]PRESENT[/red]' if report['client']['present'] else '[green]absent[/green]'}; "
+        f"{report['objects']['checked']} archived objects checked ({report['objects']['ok']} ok, "
+        f"{report['objects']['purged']} purged by the deletion), {len(report['findings'])} findings"
+    )
     out.rule("where to look")
     from components.config import Runtime
 
     runtime = Runtime.from_env()
     out.print(f"champion: models:/{_model_name(QUICK_PROFILE)}@champion = version {result['version']}")
     out.print(f"tombstone: {summary['store']}/tombstones/{target}.json")
+    out.print(f"audit report: {checked['files']['markdown']}")
     out.print(f"update archive: {summary['store']}/federations/{summary['federation_id']}/")
     out.print(f"MLflow: mlflow ui --backend-store-uri {summary['tracking_uri']}")
     if runtime.default_tracking:

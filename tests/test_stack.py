@@ -228,3 +228,25 @@ def test_dvc_push_and_pull_against_the_stack(project, tmp_path):
 
     for out in lock:
         assert dvc_dir_hash(repo / out["path"]) == out["md5"]
+
+
+@pytest.mark.usefixtures("s3_env")
+def test_unlearn_and_audit_against_the_stack(project):
+    json_out(fedforget(project, "federate", "--json", "--rounds", "1"))
+    deletion = json_out(fedforget(project, "unlearn", "--client", "client_00", "--teacher", "none", "--json"))
+    assert deletion["status"] == "unlearned"
+    result = fedforget(project, "audit", "--client", "client_00", "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout[result.stdout.index("{") :])
+    assert report["verdict"] == "client_absent" and report["objects"]["purged"] == 2
+    source = fedforget(project, "audit", "--version", deletion["source_version"], "--client", "client_00")
+    assert source.returncode == 1
+    # the audit run and its artifacts are on the MLflow server
+    mlflow = project["env"]["MLFLOW_TRACKING_URI"]
+    experiment = get_json(f"{mlflow}/api/2.0/mlflow/experiments/get-by-name?experiment_name={project['name']}")
+    runs = get_json(f"{mlflow}/api/2.0/mlflow/runs/search", {
+        "experiment_ids": [experiment["experiment"]["experiment_id"]], "filter": "tags.kind = 'audit'",
+    })["runs"]  # fmt: skip
+    assert runs and any(t["key"] == "audited_version" for t in runs[0]["data"]["tags"])
+    listed = get_json(f"{mlflow}/api/2.0/mlflow/artifacts/list?run_id={runs[0]['info']['run_id']}&path=audit")
+    assert {f["path"] for f in listed["files"]} == {"audit/audit.md", "audit/lineage.png", "audit/audit.json"}
