@@ -141,6 +141,28 @@ class DistillConfig(Section):
         return DistillSettings(**self.model_dump())
 
 
+class EvaluateConfig(Section):
+    """The ``evaluate`` section: unlearning measured against retraining from scratch."""
+
+    data: dict[str, Any] = Field(default_factory=dict)  # overrides of the data section
+    rounds: int = Field(10, ge=1)
+    seeds: int = Field(3, ge=1)
+    target_client: str | None = None  # None = the client with the most training data
+    backdoor_fraction: float = Field(0.5, gt=0, le=1)
+    backdoor_target_class: int = Field(0, ge=0)
+    trigger_size: int = Field(3, ge=1)
+    mia_examples: int = Field(500, ge=10)
+    max_workers: int = Field(2, ge=1)
+
+
+class VerificationConfig(Section):
+    """The ``verification`` section: checks every deletion reports (no retraining needed)."""
+
+    backdoor_target_class: int | None = None  # set when the deleted client carries a backdoor marker
+    trigger_size: int = Field(3, ge=1)
+    mia_examples: int = Field(500, ge=10)
+
+
 class RegistryConfig(Section):
     """The ``registry`` section: MLflow names."""
 
@@ -160,7 +182,13 @@ class Config(Section):
     unlearn: UnlearnConfig = Field(default_factory=UnlearnConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
+    verification: VerificationConfig = Field(default_factory=VerificationConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+
+    def evaluation_data(self) -> DataConfig:
+        """The data section as the evaluation uses it (``evaluate.data`` laid over ``data``)."""
+        return validate(DataConfig, {**self.data.model_dump(), **self.evaluate.data}, prefix="evaluate.data")
 
 
 def build_config(

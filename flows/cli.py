@@ -302,7 +302,7 @@ def audit(
     version: Annotated[Optional[str], typer.Option(help="the registered version to audit")] = None,
     alias: Annotated[Optional[str], typer.Option(help="or an alias (default: champion)")] = None,
     client: Annotated[Optional[str], typer.Option(help="answer whether this client's contributions are in it")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="folder for audit.md, lineage.png, audit.json")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="folder for audit.md, lineage.png, audit.json")] = None,
     profile: ProfileOpt = "default",
     verbose: VerboseOpt = False,
     json_out: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
@@ -318,7 +318,7 @@ def audit(
         from flows.audit import audit_flow
 
         with console.status("auditing (walking the lineage, hashing every archived object)..."):
-            return audit_flow(version=version, alias=alias, client=client, profile=profile, out_dir=str(out) if out else None)
+            return audit_flow(version=version, alias=alias, client=client, profile=profile, out_dir=str(out_dir) if out_dir else None)
 
     result = _run(run)
     report = result["report"]
@@ -357,6 +357,47 @@ def _print_audit(report: dict[str, Any], result: dict[str, Any]) -> None:
     for finding in report["findings"]:
         out.print(f"[red]finding[/red] {finding['kind']}: {finding['message']}")
     out.print(f"report: {result['files']['markdown']} (logged to MLflow run {result['run_id']})")
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+@app.command()
+def evaluate(
+    profile: ProfileOpt = "default",
+    quick: Annotated[bool, typer.Option("--quick", help="the quick profile (tiny, a few minutes)")] = False,
+    dataset: Annotated[Optional[str], typer.Option(help="fashion-mnist, mnist or digits")] = None,
+    clients: Annotated[Optional[int], typer.Option(min=2, help="number of clients K")] = None,
+    rounds: Annotated[Optional[int], typer.Option(min=1, help="federation rounds R")] = None,
+    seeds: Annotated[Optional[int], typer.Option(min=1, help="number of seeds")] = None,
+    target_client: Annotated[Optional[str], typer.Option(help="the client to forget (default: the largest)")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="results folder (results.md, results.json, plots)")] = None,
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
+    json_out: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+) -> None:
+    """Measure forgetting and recovery against retraining from scratch (backdoor, MIA, timings)."""
+    _quiet(verbose)
+    overrides = _overrides(set_)
+    for key, value in (("evaluate.data.dataset", dataset), ("evaluate.data.num_clients", clients),
+                       ("evaluate.rounds", rounds), ("evaluate.seeds", seeds),
+                       ("evaluate.target_client", target_client)):  # fmt: skip
+        if value is not None:
+            overrides[key] = value
+    chosen = QUICK_PROFILE if quick else profile
+
+    def run() -> dict[str, Any]:
+        from flows.evaluate import evaluate_flow
+
+        with console.status("evaluating: Original, Retrain and three unlearning methods per seed..."):
+            return evaluate_flow(profile=chosen, overrides=overrides, out_dir=str(out_dir) if out_dir else None)
+
+    result = _run(run)
+    if json_out:
+        out_console_json({k: result[k] for k in ("config", "summary", "targets", "files", "run_id", "all_finite")})
+        return
+    print(Path(result["files"]["results_md"]).read_text())
+    out.print(f"results: {Path(result['files']['results_md']).parent} (MLflow run {result['run_id']})")
 
 
 # --------------------------------------------------------------------------- teacher

@@ -17,18 +17,21 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run as current_flow_run
 
-from components.config import Config, Runtime, load_config
+from components.config import Config, Runtime, VerificationConfig, load_config
 from components.data import FEDERATION_DIR, SERVER_DIR, FederationData, dvc_dir_hash, read_split
 from components.distillation import distill, teacher_logits_for
-from components.federation import evaluate_state, manifest_ref_from_tags
+from components.evaluation import attack_success_rate, class_matched_sample, membership_inference, model_from_state
+from components.federation import manifest_ref_from_tags
 from components.history import Manifest, UnlearningManifest, UpdateHistory, validate_id
 from components.models import ModelSpec, build_model
 from components.state import StateDict
+from components.training import evaluate
 from components.store import ObjectRef, open_store
 from components.unlearning import (
     ForgetResult,
@@ -79,11 +82,28 @@ def global_teacher_task(spec: ModelSpec, state: StateDict, server_dir: str) -> t
     return teacher_logits_for(teacher, read_split(f"{server_dir}/few_shot.safetensors").inputs())
 
 
-@task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_task(spec: ModelSpec, state: StateDict, test_path: str, client_path: str | None) -> dict[str, float]:
-    out = {"test_accuracy": evaluate_state(spec, state, test_path)["accuracy"]}
+@task(name="verify", cache_policy=NO_CACHE)
+def evaluate_task(
+    spec: ModelSpec, state: StateDict, test_path: str, client_path: str | None, verification: VerificationConfig
+) -> dict[str, float]:
+    """The checks a deletion reports without retraining: accuracy, the client's data, markers.
+
+    With a backdoor marker configured, the attack success rate on triggered
+    test images; with the client's data at hand, a membership-inference attack
+    on it (vs class-matched held-out examples).
+    """
+    model = model_from_state(spec, state)
+    test = read_split(test_path)
+    out = {"test_accuracy": evaluate(model, test)["accuracy"]}
+    if verification.backdoor_target_class is not None:
+        out["backdoor_asr"] = attack_success_rate(model, test, verification.backdoor_target_class, verification.trigger_size)
     if client_path is not None:
-        out["forgotten_client_accuracy"] = evaluate_state(spec, state, client_path)["accuracy"]
+        client = read_split(client_path)
+        out["forgotten_client_accuracy"] = evaluate(model, client)["accuracy"]
+        rng = np.random.default_rng(0)  # the same members and non-members before and after
+        members = client.subset(rng.permutation(len(client))[: verification.mia_examples])
+        mia = membership_inference(model, members, class_matched_sample(test, members.labels, len(members), rng))
+        out |= {"forgotten_client_mia_auc": mia["mia_auc"], "forgotten_client_mia_advantage": mia["mia_advantage"]}
     return out
 
 
@@ -256,9 +276,13 @@ def unlearn(
         distilled = time.perf_counter()
 
         # 5. Evaluate before / after forgetting / after recovery.
-        before = evaluate_task(spec, history.read_state(source_manifest.global_state), test_path, client_path)
-        after_forget = evaluate_task(spec, result.state, test_path, client_path)
-        after = evaluate_task(spec, final_state, test_path, client_path) if final_state is not result.state else after_forget
+        checks = config.verification
+        before = evaluate_task(spec, history.read_state(source_manifest.global_state), test_path, client_path, checks)
+        after_forget = evaluate_task(spec, result.state, test_path, client_path, checks)
+        after = (
+            evaluate_task(spec, final_state, test_path, client_path, checks)
+            if final_state is not result.state else after_forget
+        )  # fmt: skip
         evaluated = time.perf_counter()
         metrics = {f"{k}_before": v for k, v in before.items()}
         metrics |= {f"{k}_forgotten": v for k, v in after_forget.items()}
@@ -316,6 +340,9 @@ def unlearn(
             "total_s": finished - started,
         }
         tracker.log_metrics(run_id, {**metrics, **distill_metrics, **timings, "objects_read": result.objects_read}, step=0)
+        tracker.log_dict(run_id, {"client_id": client_id, "request_id": request_id, "source_version": source.version,
+                                  "version": registered_version.version, "before": before,
+                                  "after_subtraction": after_forget, "after_recovery": after}, "verification.json")  # fmt: skip
         tracker.set_tags(run_id, {"unlearned_version": registered_version.version})
         tracker.end_run(run_id, "FINISHED")
     except BaseException:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from components.config import Runtime, load_config
@@ -115,7 +117,16 @@ def test_the_other_recovery_options(tiny_project, teacher):
     from flows.unlearn import unlearn
 
     run_federate(project=str(tiny_project), rounds=1)
-    result = unlearn(client_id="client_02", project=str(tiny_project), overrides={"unlearn.teacher": teacher, "unlearn.variant": "renormalise"})
+    result = unlearn(client_id="client_02", project=str(tiny_project), overrides={
+        "unlearn.teacher": teacher, "unlearn.variant": "renormalise", "verification.backdoor_target_class": 0,
+        "verification.trigger_size": 2,
+    })  # fmt: skip
+    # the deletion's verification report: needs no retraining
+    for key in ("test_accuracy", "forgotten_client_accuracy", "backdoor_asr", "forgotten_client_mia_auc"):
+        assert {f"{key}_before", f"{key}_after"} <= set(result["metrics"])
+    tracker_, _, _ = context(tiny_project)
+    report = json.loads(tracker_.download(result["run_id"], "verification.json").read_text())
+    assert report["before"]["backdoor_asr"] == result["metrics"]["backdoor_asr_before"]
     tracker, _, _ = context(tiny_project)
     tags = tracker.version(result["version"]).tags
     assert tags["teacher"] == teacher and tags["forgetting_variant"] == "renormalise"

@@ -1,0 +1,127 @@
+"""Evaluation pieces against known answers, and the quick benchmark as a smoke test."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from components.data import Split
+from components.evaluation import (
+    apply_trigger,
+    attack_success_rate,
+    class_matched_sample,
+    mean_std,
+    membership_inference,
+    poison,
+)
+
+
+def split(n: int, classes: int = 4, seed: int = 0) -> Split:
+    g = torch.Generator().manual_seed(seed)
+    return Split(torch.randint(0, 200, (n, 8, 8), dtype=torch.uint8, generator=g), torch.arange(n) % classes)
+
+
+class Constant(nn.Module):
+    """Always predicts ``cls`` (with a given confidence per input via a lookup)."""
+
+    def __init__(self, cls: int, classes: int = 4) -> None:
+        super().__init__()
+        self.cls, self.classes = cls, classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(len(x), self.classes)
+        logits[:, self.cls] = 5.0
+        return logits
+
+
+class TriggerDetector(nn.Module):
+    """Predicts class 3 when the trigger is present, class 1 otherwise."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        triggered = x[:, 0, -3:-1, -3:-1].mean(dim=(1, 2)) > 0.99
+        logits = torch.zeros(len(x), 4)
+        logits[triggered, 3] = 5.0
+        logits[~triggered, 1] = 5.0
+        return logits
+
+
+def test_trigger_is_a_white_square_near_the_corner_and_inputs_stay_untouched():
+    data = split(5)
+    before = data.images.clone()
+    out = apply_trigger(data.images, 2)
+    assert torch.equal(data.images, before)
+    assert (out[:, -3:-1, -3:-1] == 255).all() and torch.equal(out[:, :5, :5], before[:, :5, :5])
+    with pytest.raises(ValueError, match="does not fit"):
+        apply_trigger(data.images, 8)
+
+
+def test_poison_relabels_the_chosen_fraction():
+    data = split(100)
+    poisoned, idx = poison(data, 0.3, target_class=3, trigger_size=2, rng=np.random.default_rng(0))
+    assert len(idx) == 30 and (poisoned.labels[idx] == 3).all()
+    untouched = np.setdiff1d(np.arange(100), idx)
+    assert torch.equal(poisoned.images[untouched], data.images[untouched])
+    assert (poisoned.images[idx][:, -3:-1, -3:-1] == 255).all()
+
+
+def test_attack_success_rate_on_models_with_known_behaviour():
+    test = split(40)
+    assert attack_success_rate(TriggerDetector(), test, target_class=3, trigger_size=2) == 1.0
+    assert attack_success_rate(Constant(1), test, target_class=3, trigger_size=2) == 0.0
+    assert attack_success_rate(Constant(3), test, target_class=3, trigger_size=2) == 1.0
+
+
+def test_membership_inference_reads_losses():
+    members, others = split(50, seed=1), split(50, seed=2)
+    # A model that is right on every member (labels = index % 4 coincide) and wrong on others
+    right_on_members = Constant(0)
+    members = Split(members.images, torch.zeros(50, dtype=torch.int64))
+    others = Split(others.images, torch.ones(50, dtype=torch.int64))
+    result = membership_inference(right_on_members, members, others)
+    assert result["mia_auc"] == 1.0 and result["mia_advantage"] == 1.0
+    same = membership_inference(right_on_members, members, Split(others.images, torch.zeros(50, dtype=torch.int64)))
+    assert same["mia_auc"] == pytest.approx(0.5) and same["mia_advantage"] == pytest.approx(0.0)
+
+
+def test_class_matched_sample_follows_the_label_mix():
+    pool = split(400)
+    like = torch.tensor([0] * 30 + [2] * 10)
+    sample = class_matched_sample(pool, like, 40, np.random.default_rng(0))
+    assert np.bincount(sample.labels.numpy(), minlength=4).tolist() == [30, 0, 10, 0]
+
+
+def test_mean_std():
+    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
+    assert mean_std([5.0]) == (5.0, 0.0)
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("prefect_harness")
+def test_quick_evaluation_produces_the_table_plots_and_finite_numbers(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from tests.conftest import REPO
+
+    monkeypatch.setenv("FEDFORGET_PROJECT", str(REPO))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("FEDFORGET_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "results"
+    result = CliRunner().invoke(app, ["evaluate", "--quick", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout[result.stdout.index("{") :])
+    assert summary["all_finite"] is True
+    table = (out / "results.md").read_text()
+    for label in ("Original", "Retrain", "Subtract only", "KD (global model)", "KD (CLIP-Adapter)", "backdoor ASR", "MIA AUC"):
+        assert label in table
+    raw = json.loads((out / "results.json").read_text())
+    assert len(raw["seeds"]) == 2 and set(raw["summary"]) == {"original", "retrain", "subtract", "kd-global", "kd-clip"}
+    assert raw["summary"]["retrain"]["l2_to_retrain"]["mean"] == 0.0
+    assert raw["summary"]["original"]["backdoor_asr"]["mean"] > raw["summary"]["retrain"]["backdoor_asr"]["mean"]
+    for png in ("metrics.png", "accuracy_per_round.png"):
+        assert (out / png).stat().st_size > 10_000
