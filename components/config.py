@@ -163,6 +163,26 @@ class VerificationConfig(Section):
     mia_examples: int = Field(500, ge=10)
 
 
+class OperationsConfig(Section):
+    """The ``operations`` section: what ``fedforget serve`` runs and how."""
+
+    retrain_cron: str = "0 2 * * *"
+    timezone: str = "UTC"
+    promote: Literal["gate", "always", "never"] = "gate"  # scheduled retraining's promotion rule
+    gate_tolerance: float = Field(0.01, ge=-1, le=1)  # promote if accuracy >= champion's - this
+    model_write_limit: str = "fedforget-model-writes"  # Prefect global concurrency limit (1 slot)
+    sweep_interval_s: float = Field(30.0, gt=0)
+    sweep_grace_s: float = Field(60.0, ge=0)
+    deployment_prefix: str = "fedforget"
+
+    @field_validator("retrain_cron")
+    @classmethod
+    def _five_fields(cls, value: str) -> str:
+        if len(value.split()) != 5:
+            raise ValueError(f"retrain_cron must have 5 fields (minute hour day month weekday), got {value!r}")
+        return value
+
+
 class RegistryConfig(Section):
     """The ``registry`` section: MLflow names."""
 
@@ -184,6 +204,7 @@ class Config(Section):
     distill: DistillConfig = Field(default_factory=DistillConfig)
     verification: VerificationConfig = Field(default_factory=VerificationConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    operations: OperationsConfig = Field(default_factory=OperationsConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
 
     def evaluation_data(self) -> DataConfig:

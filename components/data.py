@@ -357,6 +357,7 @@ class DataConfig(Section):
     max_train_examples: int | None = Field(None, ge=1)
     test_size: int | None = Field(None, ge=1)
     seed: int = 42
+    validation_size: int = Field(0, ge=0)
 
     @field_validator("dataset")
     @classmethod
@@ -381,6 +382,7 @@ class PrepareSettings:
     min_client_examples: int = 10
     max_train_examples: int | None = None
     test_size: int | None = None
+    validation_size: int = 0  # held out from the train split for model selection (never the test set)
 
 
 def validate_settings(settings: PrepareSettings, raw: RawDataset) -> None:
@@ -399,8 +401,10 @@ def validate_settings(settings: PrepareSettings, raw: RawDataset) -> None:
                 f"shots={settings.shots} but class {int(counts.argmin())} of {raw.name} has "
                 f"only {int(counts.min())} training examples"
             )
-    available = len(raw.train) - settings.shots * raw.num_classes
+    available = len(raw.train) - settings.shots * raw.num_classes - settings.validation_size
     pool = min(available, settings.max_train_examples or available)
+    if settings.validation_size < 0:
+        problems.append(f"validation_size must be >= 0 (got {settings.validation_size})")
     if settings.max_train_examples is not None and settings.max_train_examples < 1:
         problems.append(f"max_train_examples must be >= 1 (got {settings.max_train_examples})")
     if settings.num_clients >= 2 and pool < settings.num_clients * settings.min_client_examples:
@@ -451,6 +455,10 @@ def prepare_data(settings: PrepareSettings, out_dir: str | Path, raw: RawDataset
 
     server_idx = few_shot_indices(train_labels, settings.shots, rng, raw.num_classes)
     pool = np.setdiff1d(np.arange(len(raw.train)), server_idx)
+    validation_idx = np.array([], dtype=np.int64)
+    if settings.validation_size:
+        validation_idx = np.sort(rng.choice(pool, size=settings.validation_size, replace=False))
+        pool = np.setdiff1d(pool, validation_idx)
     if settings.max_train_examples is not None and settings.max_train_examples < len(pool):
         pool = np.sort(rng.choice(pool, size=settings.max_train_examples, replace=False))
     relative = dirichlet_partition(
@@ -469,7 +477,8 @@ def prepare_data(settings: PrepareSettings, out_dir: str | Path, raw: RawDataset
         "class_names": list(raw.class_names),
         "image_shape": list(raw.train.images.shape[1:]),
         "raw_sources": dict(raw.sources),
-        "params": {k: v for k, v in vars(settings).items()},
+        # validation_size is recorded only when used: data prepared without it keeps its bytes (and DVC hash)
+        "params": {k: v for k, v in vars(settings).items() if k != "validation_size" or v},
     }
     federation_meta = {
         **common,
@@ -482,6 +491,7 @@ def prepare_data(settings: PrepareSettings, out_dir: str | Path, raw: RawDataset
         },
         "label_skew": round(skew, 6),
         "test": {"num_examples": len(test)},
+        **({"validation": {"num_examples": int(len(validation_idx))}} if settings.validation_size else {}),
     }
     server_meta = {
         **common,
@@ -501,6 +511,8 @@ def prepare_data(settings: PrepareSettings, out_dir: str | Path, raw: RawDataset
         for cid, shard in zip(ids, shards):
             _write_split(fed / "clients" / f"{cid}.safetensors", raw.train.subset(shard))
         _write_split(fed / "test.safetensors", test)
+        if settings.validation_size:
+            _write_split(fed / "validation.safetensors", raw.train.subset(validation_idx))
         _write_json(fed / "meta.json", federation_meta)
         srv = staging / SERVER_DIR
         srv.mkdir()
@@ -547,3 +559,7 @@ class FederationData:
 
     def test(self) -> Split:
         return read_split(self.root / "test.safetensors")
+
+    def validation(self) -> Split:
+        """The held-out validation split (prepared only with ``validation_size``)."""
+        return read_split(self.root / "validation.safetensors")

@@ -35,13 +35,21 @@ def summarise(seeds: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, 
     return out
 
 
-def targets(summary: dict[str, dict[str, dict[str, float]]], method: str = "kd-clip") -> list[dict[str, Any]]:
-    """The issue's targets for a method, measured against Retrain (points are percentage points)."""
+def targets(
+    summary: dict[str, dict[str, dict[str, float]]], method: str = "kd-clip", cold_teacher_s: float | None = None
+) -> list[dict[str, Any]]:
+    """The targets for a method, measured against Retrain (points are percentage points)."""
     m, r = summary[method], summary["retrain"]
     unlearning_s = m["seconds"]["mean"]
+    retrain_s = r["seconds"]["mean"]
     noise = 2 * math.hypot(m["mia_advantage"]["std"], r["mia_advantage"]["std"])
     rows = [
-        ("unlearning wall time <= 1/50 of Retrain", _ratio(unlearning_s, r["seconds"]["mean"]), unlearning_s <= r["seconds"]["mean"] / 50),
+        ("unlearning wall time <= 1/50 of Retrain (teacher fitted ahead, as federate does)",
+         _ratio(unlearning_s, retrain_s), unlearning_s <= retrain_s / 50),
+    ]  # fmt: skip
+    if cold_teacher_s is not None:
+        rows.append(("... including a cold teacher fit", _ratio(cold_teacher_s, retrain_s), cold_teacher_s <= retrain_s / 50))
+    rows += [
         ("test accuracy >= Retrain - 1.0 pt", f"{100 * (m['test_accuracy']['mean'] - r['test_accuracy']['mean']):+.2f} pt",
          m["test_accuracy"]["mean"] >= r["test_accuracy"]["mean"] - 0.01),
         ("backdoor ASR <= Retrain + 1.0 pt", f"{100 * (m['backdoor_asr']['mean'] - r['backdoor_asr']['mean']):+.2f} pt",

@@ -65,7 +65,7 @@ def _run(fn: Any, *args: Any, **kwargs: Any) -> Any:
 
     try:
         return fn(*args, **kwargs)
-    except (UsageError, ConfigError, DataError, StoreError, ValueError, KeyError) as exc:  # incl. UnlearningError, AuditTargetError
+    except (UsageError, ConfigError, DataError, StoreError, ValueError, KeyError) as exc:  # incl. UnlearningError, RequestError
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         console.print(f"[red]error:[/red] {message}")
         raise typer.Exit(2) from None
@@ -400,6 +400,89 @@ def evaluate(
     out.print(f"results: {Path(result['files']['results_md']).parent} (MLflow run {result['run_id']})")
 
 
+# --------------------------------------------------------------------------- operations
+
+
+@app.command()
+def serve(
+    profile: ProfileOpt = "default",
+    sweep: Annotated[bool, typer.Option(help="start requests whose event was lost")] = True,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Serve the scheduled retraining and the event-triggered unlearning deployments (blocks)."""
+    _quiet(verbose)
+    from components.config import Runtime, load_config
+
+    def run() -> None:
+        from flows.operations import deployment_names, serve as serve_deployments
+
+        runtime = Runtime.from_env()
+        config = load_config(runtime.params_path, profile)
+        names = deployment_names(config)
+        out.print(
+            f"serving {names['retrain']} (cron '{config.operations.retrain_cron}' {config.operations.timezone}, "
+            f"promote: {config.operations.promote}) and {names['unlearn']} (event fedforget.deletion.requested); "
+            f"file requests with `fedforget request-deletion --client <id>`; Ctrl+C to stop"
+        )
+        serve_deployments(profile=profile, sweep=sweep)
+
+    _run(run)
+
+
+@app.command("request-deletion")
+def request_deletion(
+    client: Annotated[str, typer.Option("--client", "-c", help="the client whose data must be forgotten")],
+    reason: Annotated[Optional[str], typer.Option(help="kept with the request and in the tombstone")] = None,
+    profile: ProfileOpt = "default",
+    verbose: VerboseOpt = False,
+    json_out: Annotated[bool, typer.Option("--json", help="print the request as JSON")] = False,
+) -> None:
+    """File a deletion request (durably, then as an event); `fedforget serve` applies it."""
+    _quiet(verbose)
+    from flows.operations import request_deletion as file_request
+
+    request, new, emitted = _run(file_request, client, reason, profile)
+    if json_out:
+        out_console_json({**request.to_dict(), "new": new, "event_emitted": emitted})
+        return
+    if not new:
+        out.print(f"a request for {client} is already {request.status}: {request.request_id}")
+        return
+    out.print(request.request_id)
+    if not emitted:
+        console.print(
+            "[yellow]the request is filed, but its event could not be sent to Prefect; "
+            "`fedforget serve` will pick it up[/yellow]"
+        )
+
+
+@app.command()
+def requests(
+    profile: ProfileOpt = "default",
+    json_out: Annotated[bool, typer.Option("--json", help="print the requests as JSON")] = False,
+) -> None:
+    """List deletion requests and their status (pending, running, done, failed)."""
+    _quiet(False)
+
+    def run() -> list[Any]:
+        from components.config import Runtime
+        from components.requests import RequestBook
+        from components.store import open_store
+
+        return RequestBook(open_store(Runtime.from_env().store)).all()
+
+    found = _run(run)
+    if json_out:
+        out_console_json({"requests": [r.to_dict() for r in found]})
+        return
+    table = Table(title="deletion requests")
+    for column in ("request", "client", "status", "filed", "updated", "version", "reason / error"):
+        table.add_column(column)
+    for r in found:
+        table.add_row(r.request_id, r.client_id, r.status, r.created_at, r.updated_at, r.version or "-", r.error or r.reason or "")
+    out.print(table)
+
+
 # --------------------------------------------------------------------------- teacher
 
 
@@ -450,7 +533,12 @@ def demo(verbose: VerboseOpt = False) -> None:
     out.print(_rounds_table(summary))
     target = _demo_target(summary)
     out.print(f"3. deletion request: forget [bold]{target}[/bold] (the client with the most training data)")
-    result = _run(_run_unlearn, target, None, None, QUICK_PROFILE, {}, "demo")
+    served = _served_unlearning(QUICK_PROFILE)
+    if served:
+        out.print(f"   (through `fedforget serve`: request -> event -> {served})")
+        result = _run(_unlearn_via_serve, target, QUICK_PROFILE)
+    else:
+        result = _run(_run_unlearn, target, None, None, QUICK_PROFILE, {}, "demo")
     out.print(_unlearn_table(result))
     teacher_acc = result["distill"].get("teacher_test_accuracy")
     out.print(
@@ -483,6 +571,62 @@ def demo(verbose: VerboseOpt = False) -> None:
     out.print(f"MLflow: mlflow ui --backend-store-uri {summary['tracking_uri']}")
     if runtime.default_tracking:
         out.print("Prefect: prefect server start   (then http://127.0.0.1:4200)")
+
+
+def _served_unlearning(profile: str) -> str | None:
+    """The unlearning deployment's name if a Prefect server runs one that a runner polls."""
+    if not os.environ.get("PREFECT_API_URL"):
+        return None
+    try:
+        from prefect.client.orchestration import get_client
+
+        from components.config import Runtime, load_config
+        from flows.operations import deployment_names
+
+        runtime = Runtime.from_env()
+        name = deployment_names(load_config(runtime.params_path, profile))["unlearn"]
+        with get_client(sync_client=True) as client:
+            deployment = client.read_deployment_by_name(name)
+        return name if str(deployment.status).upper().endswith("READY") and "NOT" not in str(deployment.status).upper() else None
+    except Exception:  # noqa: BLE001 - no server, no deployment: run the flow directly
+        return None
+
+
+def _unlearn_via_serve(client: str, profile: str, timeout_s: float = 600) -> dict[str, Any]:
+    """File a deletion request, wait for `serve` to apply it, and read the result back."""
+    import time
+
+    from components.config import Runtime, load_config
+    from components.requests import RequestBook
+    from components.store import open_store
+    from flows.operations import request_deletion as file_request
+    from flows.tracking import Tracker
+
+    request, _, _ = file_request(client, "demo", profile)
+    runtime = Runtime.from_env()
+    book = RequestBook(open_store(runtime.store))
+    deadline = time.monotonic() + timeout_s
+    with console.status(f"request {request.request_id} filed; waiting for `fedforget serve` to apply it..."):
+        while (current := book.get(request.request_id)).status not in ("done", "failed"):
+            if time.monotonic() > deadline:
+                raise UsageError(f"request {request.request_id} is still {current.status} after {timeout_s:.0f} s")
+            time.sleep(1)
+    if current.status == "failed":
+        raise UsageError(f"request {request.request_id} failed: {current.error}")
+    tracker = Tracker(runtime, load_config(runtime.params_path, profile).registry)
+    tags = tracker.version(current.version).tags
+    tombstone = json.loads(open_store(runtime.store).get(f"tombstones/{client}.json"))
+    teacher_metrics = tracker.run_metrics(tags["teacher_run_id"]) if tags.get("teacher_run_id", "none") != "none" else {}
+    return {
+        "client_id": client,
+        "request_id": request.request_id,
+        "source_version": tags["source_version"],
+        "version": current.version,
+        "metrics": {k: float(v) for k, v in tags.items() if k.startswith(("test_accuracy_", "forgotten_client_accuracy_"))},
+        "distill": {"teacher_test_accuracy": teacher_metrics.get("test_accuracy")} if teacher_metrics else {},
+        "purged": len(tombstone["purged"]),
+        "flagged_versions": [v.version for v in tracker.versions() if client in v.tags.get("contains_forgotten_clients", "")],
+    }
 
 
 def _demo_target(summary: dict[str, Any]) -> str:

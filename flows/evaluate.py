@@ -134,7 +134,7 @@ def evaluate_flow(
         },
         "seeds": seeds,
         "summary": summary,
-        "targets": targets(summary),
+        "targets": targets(summary, cold_teacher_s=float(sum(s["kd_clip_seconds_with_cold_teacher"] for s in seeds) / len(seeds))),
     }
     result["all_finite"] = all_finite(result["seeds"]) and all_finite(summary)
     files = write_task(result, folder)

@@ -40,6 +40,7 @@ from components.state import StateDict
 from components.store import ObjectRef, open_store
 from components.training import torch_threads
 from components.unlearning import tombstoned_clients
+from flows.locks import model_write_lock
 from flows.progress import report_progress
 from flows.teacher import teacher_task
 from flows.tracking import Tracker, VersionInfo
@@ -158,6 +159,39 @@ def _resume_head(
     return LineageHead.of(ref, manifest), champion
 
 
+def _promote(
+    tracker: Tracker, history: UpdateHistory, final: VersionInfo, accuracy: float,
+    data: FederationData, config: Config, rule: str,
+) -> dict[str, Any]:  # fmt: skip
+    """Move ``champion`` to ``final`` as the rule says; tag a rejected version with the reason."""
+    current = tracker.alias()
+    decision: dict[str, Any] = {"rule": rule, "champion": current.version if current else None, "promoted": False}
+    if rule == "never":
+        decision["decision"] = f"left at version {decision['champion']} (promote: never)"
+        return decision
+    if rule == "gate" and current is not None and current.version != final.version:
+        # The champion is re-evaluated on today's test set, like the candidate.
+        manifest = history.read_manifest(manifest_ref_from_tags(current.tags))
+        champion_accuracy = evaluate_state(
+            manifest.model, history.read_state(manifest.global_state), str(data.root / "test.safetensors"),
+            config.federate.eval_batch_size,
+        )["accuracy"]  # fmt: skip
+        tolerance = config.operations.gate_tolerance
+        decision |= {"champion_accuracy": champion_accuracy, "candidate_accuracy": accuracy, "tolerance": tolerance}
+        if accuracy < champion_accuracy - tolerance:
+            reason = (
+                f"test accuracy {accuracy:.4f} < champion version {current.version}'s {champion_accuracy:.4f} "
+                f"- tolerance {tolerance}"
+            )
+            tracker.set_version_tag(final.version, "rejected", reason)
+            decision["decision"] = f"version {final.version} rejected: {reason}"
+            return decision
+    tracker.set_alias(final.version)
+    decision["promoted"] = True
+    decision["decision"] = f"version {final.version} promoted"
+    return decision
+
+
 def _plot_convergence(rows: Sequence[Mapping[str, float]]) -> Any:
     import matplotlib
 
@@ -183,6 +217,7 @@ def federate(
     overrides: dict[str, Any] | None = None,
     fresh: bool = False,
     project: str | None = None,
+    promote: str = "always",
 ) -> dict[str, Any]:
     """Run ``rounds`` rounds of federated training and register every global model.
 
@@ -198,13 +233,25 @@ def federate(
         Start from a new initial model even if a ``champion`` exists.
     project
         The project folder (default: found from the working directory).
+    promote
+        ``always`` moves ``champion`` to the last version; ``gate`` only if its
+        test accuracy is at least the champion's minus ``operations.gate_tolerance``
+        (otherwise the version is tagged ``rejected`` with the reason); ``never``
+        leaves ``champion`` alone.
     """
-    logger = get_run_logger()
+    if promote not in ("always", "gate", "never"):
+        raise ValueError(f"promote must be always, gate or never, not {promote!r}")
     runtime = Runtime.from_env(project)
     extra = dict(overrides or {})
     if rounds is not None:
         extra["federate.rounds"] = rounds
     config = load_config(runtime.params_path, profile, extra)
+    with model_write_lock(config):  # no deletion changes the model while this runs
+        return _federate(runtime, config, profile, fresh, promote)
+
+
+def _federate(runtime: Runtime, config: Config, profile: str, fresh: bool, promote: str) -> dict[str, Any]:
+    logger = get_run_logger()
     data = FederationData(runtime.data_dir(profile) / "federation")
     meta = data.meta
     spec = config.model.spec(len(meta["class_names"]), tuple(meta["image_shape"]))
@@ -342,7 +389,8 @@ def federate(
             head = LineageHead.of(manifest_ref, manifest)
             base_state = new_state
             parent_version = version.version
-        tracker.set_alias(versions[-1].version)
+        promotion = _promote(tracker, history, versions[-1], rows[-1]["test_accuracy"], data, config, promote)
+        logger.info("champion: %s", promotion["decision"])
         tracker.log_figure(run_id, _plot_convergence(rows), "convergence.png")
         if config.federate.prefit_teacher and config.unlearn.teacher == "clip":
             # Deletions reuse it: fitting it now keeps it off a deletion's critical path.
@@ -364,7 +412,9 @@ def federate(
         "tracking_uri": runtime.tracking_uri,
         "data_version": data_version,
         "resumed_from_version": resumed[1].version if resumed else None,
-        "champion_version": versions[-1].version,
+        "champion_version": tracker.alias().version if promotion["promoted"] else (promotion["champion"] or None),
+        "final_version": versions[-1].version,
+        "promotion": promotion,
         "excluded_clients": sorted(forgotten & set(data.client_ids())),
         "rounds": [{**row, "version": v.version} for row, v in zip(rows, versions)],
     }
@@ -376,9 +426,12 @@ def run_federate(
     overrides: Mapping[str, Any] | None = None,
     fresh: bool = False,
     project: str | None = None,
+    promote: str = "always",
 ) -> dict[str, Any]:
     """Run the flow with the task runner the params ask for (what the CLI calls)."""
     runtime = Runtime.from_env(project)
     config = load_config(runtime.params_path, profile, dict(overrides or {}))
     configured = federate.with_options(task_runner=build_task_runner(config))
-    return configured(profile=profile, rounds=rounds, overrides=dict(overrides or {}), fresh=fresh, project=project)
+    return configured(
+        profile=profile, rounds=rounds, overrides=dict(overrides or {}), fresh=fresh, project=project, promote=promote
+    )

@@ -44,6 +44,7 @@ from components.unlearning import (
     validate_client_id,
     write_tombstone,
 )
+from flows.locks import model_write_lock
 from flows.teacher import teacher_task
 from flows.tracking import Tracker, VersionInfo
 
@@ -207,12 +208,20 @@ def unlearn(
     reason
         Free text kept in the tombstone (e.g. the ticket of the request).
     """
-    logger = get_run_logger()
-    started = time.perf_counter()
     client_id = validate_client_id(client_id)
     request_id = validate_id(request_id, "request id") if request_id else new_request_id()
     runtime = Runtime.from_env(project)
     config = load_config(runtime.params_path, profile, dict(overrides or {}))
+    with model_write_lock(config):  # after any retraining in progress, on the model it produced
+        return _unlearn(runtime, config, client_id, version, request_id, profile, reason)
+
+
+def _unlearn(
+    runtime: Runtime, config: Config, client_id: str, version: str | None, request_id: str,
+    profile: str, reason: str | None,
+) -> dict[str, Any]:  # fmt: skip
+    logger = get_run_logger()
+    started = time.perf_counter()
     store_url = runtime.store
     store = open_store(store_url)
     history = UpdateHistory(store)
@@ -231,7 +240,12 @@ def unlearn(
         extra = _finalise(tracker, store_url, done[-1], client_id, reason)
         return {"status": "completed", "client_id": client_id, "version": done[-1].version,
                 "request_id": done[-1].tags["request_id"], **extra}  # fmt: skip
-    source = tracker.version(version) if version else tracker.alias()
+    if version:
+        source = next((v for v in tracker.versions() if v.version == str(version)), None)
+        if source is None:
+            raise UnlearningError(f"{config.registry.model_name} has no version {version}; nothing changed")
+    else:
+        source = tracker.alias()
     if source is None:
         raise UnlearningError("no model version to unlearn from: run `fedforget federate` first")
     source_ref = manifest_ref_from_tags(source.tags)

@@ -17,6 +17,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 from tests.servers import SeaweedFS  # noqa: E402
+from tests.stack_fixture import Stack  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,3 +92,14 @@ def prefect_harness() -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The whole infra/ stack (SeaweedFS, MLflow server, Prefect server), once per session."""
+    stack = Stack.create(tmp_path_factory.mktemp("stack"))
+    stack.run("up")
+    try:
+        yield stack
+    finally:
+        stack.run("down", check=False)

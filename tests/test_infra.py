@@ -70,3 +70,28 @@ def test_stack_script_reports_a_stopped_stack_and_refuses_bad_input(tmp_path):
     assert stack_sh("restart", tmp_path=tmp_path).returncode == 2
     bad = stack_sh("up", "redis", tmp_path=tmp_path)
     assert bad.returncode == 1 and "unknown service" in bad.stderr
+
+
+def test_prefect_yaml_declares_the_served_deployments():
+    import importlib
+
+    from prefect import Flow
+
+    from components.config import load_config
+    from components.requests import EVENT_NAME, RESOURCE_PREFIX
+
+    doc = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    deployments = {d["name"]: d for d in doc["deployments"]}
+    ops = load_config(REPO / "params.yaml").operations
+    retrain = deployments[f"{ops.deployment_prefix}-retrain"]
+    assert retrain["schedules"] == [{"cron": ops.retrain_cron, "timezone": ops.timezone}]
+    assert retrain["parameters"]["promote"] == ops.promote
+    (trigger,) = deployments[f"{ops.deployment_prefix}-unlearn"]["triggers"]
+    assert trigger["expect"] == [EVENT_NAME]
+    assert trigger["match"] == {"prefect.resource.id": f"{RESOURCE_PREFIX}*"}
+    assert set(trigger["parameters"]) == {"request_id", "resource_id"}
+    for deployment in deployments.values():
+        path, _, name = deployment["entrypoint"].partition(":")
+        module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+        assert isinstance(getattr(module, name), Flow)
+        assert deployment["work_pool"]["name"] == "fedforget"

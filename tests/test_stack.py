@@ -32,16 +32,6 @@ pytestmark = pytest.mark.integration
 FEDFORGET = str(Path(sys.executable).parent / "fedforget")
 
 
-@pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    stack = Stack.create(tmp_path_factory.mktemp("stack"))
-    stack.run("up")
-    try:
-        yield stack
-    finally:
-        stack.run("down", check=False)
-
-
 @pytest.fixture
 def project(stack: Stack, tmp_path: Path) -> dict[str, Any]:
     """A tiny project whose store prefix and registered model are its own on the shared stack."""

@@ -1,0 +1,146 @@
+"""Choosing the recovery settings without the test set.
+
+One federation (all clients) on a tuning seed that the evaluation does not
+report (default 100), the largest client forgotten, then the obvious levers of
+the CLIP-Adapter recovery swept: shots per class, adapter alpha, KD beta,
+temperature and epochs. Every configuration is scored on a validation split
+held out from the training data (disjoint from the clients, the few-shot set
+and the test set); the test set is not read.
+
+Usage::
+
+    .venv/bin/python benchmarks/tune_recovery.py --profile default --rounds 10
+
+Writes ``benchmarks/results/tune_recovery-<profile>.json`` and prints the ranking.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="default")
+    parser.add_argument("--rounds", type=int, default=None, help="default: evaluate.rounds")
+    parser.add_argument("--seed", type=int, default=100, help="a seed the evaluation does not report")
+    parser.add_argument("--validation-size", type=int, default=2000)
+    parser.add_argument("--shots", default="16,32,64")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    args = parser.parse_args()
+    os.environ.setdefault("FEDFORGET_PROJECT", str(REPO))
+
+    import numpy as np
+    import torch
+
+    from components.config import Runtime, load_config
+    from components.data import FederationData, load_raw, prepare_data, read_split
+    from components.distillation import DistillSettings, distill, teacher_logits_for
+    from components.evaluation import model_from_state, simulate_federation
+    from components.history import UpdateHistory
+    from components.store import LocalStore
+    from components.teacher import FeatureCache, build_backbone, fit_teacher, teacher_logits
+    from components.training import evaluate
+    from components.unlearning import forget_client
+
+    runtime = Runtime.from_env()
+    config = load_config(runtime.params_path, args.profile)
+    data_cfg = config.evaluation_data()
+    rounds = args.rounds or config.evaluate.rounds
+    raw = load_raw(data_cfg.dataset, runtime.raw_dir or data_cfg.raw_dir)
+    work = Path(tempfile.mkdtemp(prefix="tune-"))
+    cache = FeatureCache(work / "features")
+    shots_grid = [int(s) for s in args.shots.split(",")]
+    largest_shots = max(shots_grid)
+
+    # One federation for every setting: data prepared with the largest few-shot set; smaller
+    # sets are per-class subsets of it, so the clients' data is the same for every point.
+    settings = replace(data_cfg.prepare_settings(), shots=largest_shots, seed=data_cfg.seed + args.seed,
+                       validation_size=args.validation_size)  # fmt: skip
+    prepare_data(settings, work / "data", raw)
+    fed = FederationData(work / "data" / "federation")
+    spec = config.model.spec(len(fed.meta["class_names"]), tuple(fed.meta["image_shape"]))
+    validation = fed.validation()
+    few_all = read_split(work / "data" / "server" / "few_shot.safetensors")
+    shards = {c: fed.client(c) for c in fed.client_ids()}
+    target = max(shards, key=lambda c: len(shards[c]))
+    history = UpdateHistory(LocalStore(work / "store"))
+    started = time.perf_counter()
+    original = simulate_federation(spec, shards, validation, config.train.settings(), rounds,
+                                   config.federate.seed + args.seed, history, "tune")  # fmt: skip
+    print(f"federation: {rounds} rounds in {time.perf_counter() - started:.0f} s; "
+          f"validation accuracy {original.test_accuracy[-1]:.4f}; forgetting {target}", flush=True)
+    forgotten = forget_client(history, original.manifest, history.read_manifest(original.manifest), target).state
+    val_forgotten = evaluate(model_from_state(spec, forgotten), validation)["accuracy"]
+
+    def few_shot(shots: int):
+        labels = few_all.labels.numpy()
+        idx = np.concatenate([np.flatnonzero(labels == c)[:shots] for c in range(len(fed.meta["class_names"]))])
+        return few_all.subset(np.sort(idx))
+
+    def recover(logits, data, d: DistillSettings) -> float:
+        student = model_from_state(spec, forgotten)
+        distill(student, data, logits, d, torch.Generator().manual_seed(0))
+        return evaluate(student, validation)["accuracy"]
+
+    base_teacher = config.teacher.spec()
+    backbone = build_backbone(base_teacher)
+    rows = []
+    for shots in shots_grid:
+        data = few_shot(shots)
+        global_logits = teacher_logits_for(model_from_state(spec, original.state), data.inputs())
+        for alpha in (0.2, 0.5):
+            spec_t = replace(base_teacher, adapter_alpha=alpha)
+            fitted = fit_teacher(spec_t, backbone, data, fed.meta["class_names"], validation, cache)
+            logits = teacher_logits(fitted, backbone, data, cache)
+            for beta, temperature, epochs in itertools.product((0.3, 0.5, 0.7, 0.9), (2.0, 4.0, 8.0), (10, 20, 40)):
+                d = replace(config.distill.settings(), beta=beta, temperature=temperature, epochs=epochs)
+                rows.append({
+                    "teacher": "clip", "shots": shots, "adapter_alpha": alpha, "beta": beta, "temperature": temperature,
+                    "epochs": epochs, "teacher_validation_accuracy": fitted.metrics["test_accuracy"],
+                    "validation_accuracy": recover(logits, data, d),
+                })  # fmt: skip
+        for beta, temperature, epochs in itertools.product((0.5, 0.9), (2.0, 4.0), (20,)):
+            d = replace(config.distill.settings(), beta=beta, temperature=temperature, epochs=epochs)
+            rows.append({"teacher": "global-model", "shots": shots, "beta": beta, "temperature": temperature,
+                         "epochs": epochs, "validation_accuracy": recover(global_logits, data, d)})  # fmt: skip
+        print(f"shots {shots}: best clip so far {max(r['validation_accuracy'] for r in rows if r['teacher'] == 'clip'):.4f}", flush=True)
+
+    clip = sorted((r for r in rows if r["teacher"] == "clip"), key=lambda r: -r["validation_accuracy"])
+    default = next(
+        (r for r in clip if r["shots"] == data_cfg.shots and r["adapter_alpha"] == base_teacher.adapter_alpha
+         and r["beta"] == config.distill.beta and r["temperature"] == config.distill.temperature
+         and r["epochs"] == config.distill.epochs), None,
+    )  # fmt: skip
+    result = {
+        "profile": args.profile, "seed": args.seed, "rounds": rounds, "target": target,
+        "validation_original": original.test_accuracy[-1], "validation_after_subtraction": val_forgotten,
+        "default": default, "best_clip": clip[:10],
+        "best_global_model": max((r for r in rows if r["teacher"] == "global-model"), key=lambda r: r["validation_accuracy"]),
+        "all": rows,
+    }  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"tune_recovery-{args.profile}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"validation accuracy: original {result['validation_original']:.4f}, after subtraction {val_forgotten:.4f}")
+    if default:
+        print(f"current params: {default['validation_accuracy']:.4f}")
+    for r in clip[:5]:
+        print({k: r[k] for k in ("shots", "adapter_alpha", "beta", "temperature", "epochs", "validation_accuracy")})
+    print(f"best with the global model as teacher: {result['best_global_model']}")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

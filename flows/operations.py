@@ -1,0 +1,275 @@
+"""Operations: scheduled retraining and event-triggered deletions, served by Prefect.
+
+``fedforget serve`` keeps two deployments running in one process:
+
+- ``federate/<prefix>-retrain``: the federation on a cron schedule, continuing
+  from ``champion``, promoting only through the evaluation gate;
+- ``process-deletion-request/<prefix>-unlearn``: triggered by the event
+  ``fedforget.deletion.requested`` on resource ``fedforget.client.<id>``, with
+  the request id in the payload.
+
+``fedforget request-deletion`` files a request in the store (the outbox) and
+then emits the event. ``serve`` also sweeps the store, at start and every
+``operations.sweep_interval_s``, for requests still pending after
+``operations.sweep_grace_s`` (their event was lost) and starts them itself.
+Both flows hold the one-slot model-write limit, so a deletion that arrives
+during a retraining is applied after it, to the model it produced.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from components.config import Config, Runtime, load_config
+from components.federation import manifest_ref_from_tags
+from components.history import UpdateHistory, validate_id
+from components.requests import EVENT_NAME, RESOURCE_PREFIX, DeletionRequest, RequestBook, RequestError
+from components.store import open_store
+from components.unlearning import UnlearningError, read_tombstone, validate_client_id
+from flows.tracking import Tracker
+from flows.unlearn import unlearn
+
+
+class MalformedRequest(ValueError):
+    """A deletion event that does not name a valid request (nothing can be done with it)."""
+
+
+def deployment_names(config: Config) -> dict[str, str]:
+    prefix = config.operations.deployment_prefix
+    return {"retrain": f"federate/{prefix}-retrain", "unlearn": f"process-deletion-request/{prefix}-unlearn"}
+
+
+def _mark_crashed(flow: Any, flow_run: Any, state: Any) -> None:
+    """``on_crashed`` hook: a run killed mid-way leaves its request failed, not running forever."""
+    params = flow_run.parameters or {}
+    try:
+        runtime = Runtime.from_env(params.get("project"))
+        book = RequestBook(open_store(runtime.store))
+        book.move(params["request_id"], "failed", error=f"the flow run crashed: {state.message or state.name}")
+    except Exception:  # noqa: BLE001 - a hook must never raise
+        pass
+
+
+@flow(name="process-deletion-request", on_crashed=[_mark_crashed])
+def process_deletion_request(
+    request_id: str = "",
+    resource_id: str = "",
+    profile: str = "default",
+    project: str | None = None,
+) -> dict[str, Any]:
+    """Apply one filed deletion request (what the event trigger and the sweep start).
+
+    The request record in the store is the source of truth; the event only
+    says which record. A record that is already done is reported, not redone.
+    """
+    logger = get_run_logger()
+    if not request_id:
+        raise MalformedRequest("the deletion event carries no request_id in its payload; nothing was done")
+    try:
+        validate_id(request_id, "request id")
+    except ValueError as exc:
+        raise MalformedRequest(f"malformed deletion event: {exc}") from None
+    runtime = Runtime.from_env(project)
+    book = RequestBook(open_store(runtime.store))
+    try:
+        request = book.get(request_id)
+    except RequestError as exc:
+        raise MalformedRequest(f"malformed deletion event: {exc}") from None
+    if resource_id and resource_id != request.resource_id:
+        reason = f"the event's resource {resource_id!r} does not match the request's {request.resource_id!r}"
+        if request.status != "done":
+            book.move(request_id, "failed", error=reason)
+        raise MalformedRequest(reason)
+    if request.status == "done":
+        logger.info("request %s is already done (version %s)", request_id, request.version)
+        return {"request_id": request_id, "status": "done", "version": request.version, "repeated": True}
+    book.move(request_id, "running", error=None)
+    logger.info("applying deletion request %s: forget %s", request_id, request.client_id)
+    try:
+        result = unlearn(
+            client_id=request.client_id, request_id=request_id, profile=profile, project=project, reason=request.reason
+        )
+    except Exception as exc:
+        book.move(request_id, "failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    book.move(request_id, "done", version=result["version"])
+    return {"request_id": request_id, "status": "done", "version": result["version"], "result": result["status"]}
+
+
+# --------------------------------------------------------------------------- filing requests
+
+
+def request_deletion(
+    client_id: str, reason: str | None = None, profile: str = "default", project: str | None = None
+) -> tuple[DeletionRequest, bool, bool]:
+    """Validate, file (pending) and announce a deletion request.
+
+    Returns the request, whether it is new (an open request for the same
+    client is returned instead of filing a second one) and whether the event
+    was handed to Prefect. Unknown or already forgotten clients raise
+    :class:`UnlearningError` and nothing is filed.
+    """
+    validate_client_id(client_id)
+    runtime = Runtime.from_env(project)
+    config = load_config(runtime.params_path, profile)
+    store = open_store(runtime.store)
+    tombstone = read_tombstone(store, client_id)
+    if tombstone is not None:
+        raise UnlearningError(
+            f"{client_id} was already forgotten by request {tombstone['request_id']} "
+            f"(version {tombstone['resulting_version']}); nothing filed"
+        )
+    book = RequestBook(store)
+    existing = book.open_for(client_id)
+    if existing is not None:
+        return existing, False, False
+    tracker = Tracker(runtime, config.registry)
+    champion = tracker.alias()
+    if champion is None:
+        raise UnlearningError(f"{config.registry.model_name} has no champion yet: there is nothing to forget from")
+    manifest = UpdateHistory(store).read_manifest(manifest_ref_from_tags(champion.tags))
+    if client_id not in manifest.sums:
+        raise UnlearningError(
+            f"unknown client {client_id}: it has no contribution in champion version {champion.version}; nothing filed"
+        )
+    request = book.file(client_id, reason)  # durable first ...
+    return request, True, emit_request(request)  # ... then announced
+
+
+def emit_request(request: DeletionRequest, timeout_s: float = 10.0) -> bool:
+    """Emit the deletion event and wait for it to be sent; False if it could not be."""
+    from prefect.events import emit_event
+    from prefect.events.worker import EventsWorker
+
+    try:
+        event = emit_event(
+            event=EVENT_NAME,
+            resource={"prefect.resource.id": request.resource_id, "prefect.resource.name": request.client_id},
+            payload={"request_id": request.request_id},
+        )
+        if event is None:
+            return False
+        done, not_done = EventsWorker.drain_all(timeout=timeout_s)
+        return not not_done
+    except Exception:  # noqa: BLE001 - the request is filed; serve's sweep covers a lost event
+        return False
+
+
+# --------------------------------------------------------------------------- serving
+
+
+def sweep_pending(config: Config, runtime: Runtime, profile: str, dispatch: Any) -> list[str]:
+    """Start every request pending for longer than the grace period (its event was lost)."""
+    book = RequestBook(open_store(runtime.store))
+    started = []
+    for request in book.stale_pending(config.operations.sweep_grace_s):
+        dispatch(request)
+        book.note_dispatch(request.request_id)
+        started.append(request.request_id)
+    return started
+
+
+def _dispatcher(config: Config, runtime: Runtime, profile: str) -> Any:
+    from prefect.deployments import run_deployment
+
+    name = deployment_names(config)["unlearn"]
+    common = {"profile": profile, "project": str(runtime.root)}
+
+    def dispatch(request: DeletionRequest) -> None:
+        run_deployment(name, parameters={"request_id": request.request_id, "resource_id": request.resource_id, **common}, timeout=0)
+
+    return dispatch
+
+
+@flow(name="sweep-deletion-requests")
+def sweep_deletion_requests(profile: str = "default", project: str | None = None) -> list[str]:
+    """Start requests whose event was lost (the interval deployment of prefect.yaml runs this)."""
+    runtime = Runtime.from_env(project)
+    config = load_config(runtime.params_path, profile)
+    return sweep_pending(config, runtime, profile, _dispatcher(config, runtime, profile))
+
+
+def serve(profile: str = "default", project: str | None = None, sweep: bool = True) -> None:
+    """Serve the retraining and unlearning deployments until interrupted."""
+    from prefect import serve as prefect_serve
+    from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
+    from prefect.schedules import Cron
+
+    from flows.federate import federate
+    from flows.locks import ensure_model_write_limit
+
+    runtime = Runtime.from_env(project)
+    config = load_config(runtime.params_path, profile)
+    ops = config.operations
+    names = deployment_names(config)
+    ensure_model_write_limit(ops.model_write_limit)
+    common = {"profile": profile, "project": str(runtime.root)}
+    retrain = federate.to_deployment(
+        name=names["retrain"].split("/", 1)[1],
+        schedules=[Cron(ops.retrain_cron, timezone=ops.timezone)],
+        parameters={**common, "promote": ops.promote},
+        description="Scheduled retraining: continues from champion, promotes through the gate.",
+    )
+    deletions = process_deletion_request.to_deployment(
+        name=names["unlearn"].split("/", 1)[1],
+        triggers=[
+            DeploymentEventTrigger(
+                expect={EVENT_NAME},
+                match={"prefect.resource.id": f"{RESOURCE_PREFIX}*"},
+                parameters={
+                    "request_id": "{{ event.payload.request_id }}",
+                    "resource_id": "{{ event.resource.id }}",
+                    **common,
+                },
+            )
+        ],
+        parameters=common,
+        description="Applies a filed deletion request (fedforget request-deletion).",
+    )
+
+    dispatch = _dispatcher(config, runtime, profile)
+    if sweep:
+        def sweeper() -> None:
+            while True:
+                try:
+                    for request_id in sweep_pending(config, runtime, profile, dispatch):
+                        print(f"sweep: started pending request {request_id} (its event was lost)", flush=True)
+                except Exception as exc:  # noqa: BLE001 - keep sweeping; the next pass retries
+                    print(f"sweep failed: {type(exc).__name__}: {exc}", flush=True)
+                time.sleep(ops.sweep_interval_s)
+
+        threading.Thread(target=sweeper, name="fedforget-sweep", daemon=True).start()
+    with _shared_api():
+        prefect_serve(retrain, deletions)
+
+
+@contextmanager
+def _shared_api() -> Iterator[None]:
+    """Without ``PREFECT_API_URL``, one temporary server for this process and the runs it spawns.
+
+    Each flow run is a subprocess; without a URL to inherit every one of them
+    would start a temporary server of its own.
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start()
+    os.environ["PREFECT_API_URL"] = server.api_url  # inherited by the flow-run subprocesses
+    try:
+        with temporary_settings({PREFECT_API_URL: server.api_url}):
+            yield
+    finally:
+        server.stop()
+

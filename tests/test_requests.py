@@ -1,0 +1,63 @@
+"""The deletion-request outbox: durable records and their allowed transitions."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from components.requests import RequestBook, RequestError
+from components.store import LocalStore
+from components.unlearning import UnlearningError
+
+
+@pytest.fixture
+def book(tmp_path) -> RequestBook:
+    return RequestBook(LocalStore(tmp_path))
+
+
+def test_a_request_moves_pending_running_done_and_keeps_its_history(book):
+    filed = book.file("client_03", reason="ticket 7")
+    assert filed.status == "pending" and filed.resource_id == "fedforget.client.client_03"
+    assert book.open_for("client_03") == filed
+    book.move(filed.request_id, "running")
+    done = book.move(filed.request_id, "done", version="9")
+    assert done.status == "done" and done.version == "9" and done.reason == "ticket 7"
+    assert [h["status"] for h in done.history] == ["pending", "running", "done"]
+    assert book.open_for("client_03") is None
+    assert book.get(filed.request_id) == done  # durable: read back from the store
+
+
+def test_transitions_are_checked(book):
+    request = book.file("client_01")
+    with pytest.raises(RequestError, match="cannot become done"):
+        book.move(request.request_id, "done")
+    failed = book.move(request.request_id, "failed", error="boom")
+    assert failed.error == "boom"
+    book.move(request.request_id, "running")  # a failed request can be retried
+    book.move(request.request_id, "done", version="3")
+    other = book.file("client_02")
+    book.move(other.request_id, "running")
+    book.move(other.request_id, "failed", error="a duplicate run crashed")
+    assert book.move(other.request_id, "done", version="4").status == "done"  # while another succeeded
+    with pytest.raises(RequestError, match="cannot become running"):
+        book.move(request.request_id, "running")  # never applied twice
+    with pytest.raises(RequestError, match="no deletion request"):
+        book.get("del-missing")
+    with pytest.raises(UnlearningError, match="invalid client id"):
+        book.file("../x")
+
+
+def test_stale_pending_requests_are_found_once_their_grace_is_over(book):
+    old = book.file("client_01")
+    book.file("client_02")
+    later = datetime.now(timezone.utc) + timedelta(seconds=90)
+    assert [r.client_id for r in book.stale_pending(60, now=later)] == ["client_01", "client_02"]
+    assert list(book.stale_pending(60)) == []
+    book.note_dispatch(old.request_id)
+    assert book.get(old.request_id).dispatches == 1
+    # after a dispatch the sweep waits twice as long before starting it again
+    assert [r.client_id for r in book.stale_pending(60, now=later)] == ["client_02"]
+    much_later = later + timedelta(seconds=120)
+    assert "client_01" in [r.client_id for r in book.stale_pending(60, now=much_later)]
+    assert [r.request_id for r in book.all()] == sorted(r.request_id for r in book.all())
