@@ -33,7 +33,8 @@ RESOURCE_PREFIX = "fedforget.client."
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    # Microseconds: requests filed within one second still list in filing order.
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
 
 def parse_time(value: str) -> datetime:
@@ -111,7 +112,7 @@ class RequestBook:
         for key in self.store.list(self.PREFIX):
             if key.endswith(".json"):
                 requests.append(DeletionRequest.from_dict(json.loads(self.store.get(key))))
-        return sorted(requests, key=lambda r: (r.created_at, r.request_id))
+        return sorted(requests, key=lambda r: (parse_time(r.created_at), r.request_id))
 
     def open_for(self, client_id: str) -> DeletionRequest | None:
         """A pending or running request for the client, if there is one."""

@@ -479,7 +479,7 @@ def requests(
     for column in ("request", "client", "status", "filed", "updated", "version", "reason / error"):
         table.add_column(column)
     for r in found:
-        table.add_row(r.request_id, r.client_id, r.status, r.created_at, r.updated_at, r.version or "-", r.error or r.reason or "")
+        table.add_row(r.request_id, r.client_id, r.status, r.created_at[:19], r.updated_at[:19], r.version or "-", r.error or r.reason or "")
     out.print(table)
 
 
