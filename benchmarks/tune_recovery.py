@@ -10,8 +10,14 @@ and the test set); the test set is not read.
 Usage::
 
     .venv/bin/python benchmarks/tune_recovery.py --profile default --rounds 10
+    .venv/bin/python benchmarks/tune_recovery.py --grid speed --shots 64
 
-Writes ``benchmarks/results/tune_recovery-<profile>.json`` and prints the ranking.
+``--grid levers`` (default) sweeps shots, adapter alpha, beta, T and epochs and
+writes ``benchmarks/results/tune_recovery-<profile>.json``. ``--grid speed``
+keeps the teacher from params and sweeps what sets the distillation's wall time
+(epochs, batch size, learning rate, T); it also retrains without the forgotten
+client, so every configuration is compared with Retrain's validation accuracy,
+and writes ``tune_recovery-<profile>-speed.json``.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=100, help="a seed the evaluation does not report")
     parser.add_argument("--validation-size", type=int, default=2000)
     parser.add_argument("--shots", default="16,32,64")
+    parser.add_argument("--grid", choices=("levers", "speed"), default="levers")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
     os.environ.setdefault("FEDFORGET_PROJECT", str(REPO))
@@ -95,6 +102,9 @@ def main() -> int:
 
     base_teacher = config.teacher.spec()
     backbone = build_backbone(base_teacher)
+    if args.grid == "speed":
+        return speed_sweep(args, config, spec, shards, validation, rounds, target, original, val_forgotten,
+                           few_shot, forgotten, base_teacher, backbone, fed, cache)  # fmt: skip
     rows = []
     for shots in shots_grid:
         data = few_shot(shots)
@@ -138,6 +148,61 @@ def main() -> int:
     for r in clip[:5]:
         print({k: r[k] for k in ("shots", "adapter_alpha", "beta", "temperature", "epochs", "validation_accuracy")})
     print(f"best with the global model as teacher: {result['best_global_model']}")
+    print(f"wrote {path}")
+    return 0
+
+
+def speed_sweep(args, config, spec, shards, validation, rounds, target, original, val_forgotten,
+                few_shot, forgotten, base_teacher, backbone, fed, cache) -> int:  # fmt: skip
+    """Distillation settings by validation accuracy and wall time, next to Retrain's accuracy."""
+    import torch
+
+    from components.distillation import DistillSettings, distill
+    from components.evaluation import model_from_state, simulate_federation
+    from components.history import UpdateHistory
+    from components.store import LocalStore
+    from components.teacher import fit_teacher, teacher_logits
+    from components.training import evaluate
+
+    started = time.perf_counter()
+    remaining = {c: s for c, s in shards.items() if c != target}
+    retrain = simulate_federation(spec, remaining, validation, config.train.settings(), rounds,
+                                  config.federate.seed + args.seed, UpdateHistory(LocalStore(Path(tempfile.mkdtemp()))),
+                                  "tune-retrain")  # fmt: skip
+    retrain_s = time.perf_counter() - started
+    print(f"retrain: {retrain_s:.0f} s; validation accuracy {retrain.test_accuracy[-1]:.4f}", flush=True)
+    rows = []
+    for shots in [int(s) for s in args.shots.split(",")]:
+        data = few_shot(shots)
+        fitted = fit_teacher(base_teacher, backbone, data, fed.meta["class_names"], validation, cache)
+        logits = teacher_logits(fitted, backbone, data, cache)
+        grid = itertools.product((5, 10, 20), (32, 64, 128), (0.01, 0.02, 0.05), (2.0, 4.0, 8.0))
+        for epochs, batch_size, lr, temperature in grid:
+            d = replace(config.distill.settings(), epochs=epochs, batch_size=batch_size, lr=lr, temperature=temperature)
+            student = model_from_state(spec, forgotten)
+            timing = distill(student, data, logits, d, torch.Generator().manual_seed(0))
+            rows.append({
+                "shots": shots, "epochs": epochs, "batch_size": batch_size, "lr": lr, "temperature": temperature,
+                "beta": d.beta, "teacher_validation_accuracy": fitted.metrics["test_accuracy"],
+                "validation_accuracy": evaluate(student, validation)["accuracy"], "distill_s": timing["distill_s"],
+            })  # fmt: skip
+    retrain_val = retrain.test_accuracy[-1]
+    for r in rows:
+        r["vs_retrain_pt"] = 100 * (r["validation_accuracy"] - retrain_val)
+        r["fraction_of_retrain"] = r["distill_s"] / retrain_s
+    result = {
+        "profile": args.profile, "seed": args.seed, "rounds": rounds, "target": target,
+        "validation_original": original.test_accuracy[-1], "validation_retrain": retrain_val,
+        "validation_after_subtraction": val_forgotten, "retrain_s": retrain_s,
+        "all": sorted(rows, key=lambda r: -r["validation_accuracy"]),
+    }  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"tune_recovery-{args.profile}-speed.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"validation accuracy: original {result['validation_original']:.4f}, retrain {retrain_val:.4f}, "
+          f"after subtraction {val_forgotten:.4f}")  # fmt: skip
+    for r in result["all"][:15]:
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
     print(f"wrote {path}")
     return 0
 

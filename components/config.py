@@ -130,11 +130,11 @@ class TeacherConfig(Section):
 class DistillConfig(Section):
     """The ``distill`` section: recovery training of the unlearned student."""
 
-    epochs: int = Field(20, ge=0)
-    lr: float = Field(0.01, gt=0)
+    epochs: int = Field(10, ge=0)
+    lr: float = Field(0.02, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     batch_size: int = Field(32, ge=1)
-    temperature: float = Field(4.0, gt=0)
+    temperature: float = Field(8.0, gt=0)
     beta: float = Field(0.5, ge=0, le=1)
 
     def settings(self) -> DistillSettings:

@@ -352,7 +352,7 @@ class DataConfig(Section):
     raw_dir: str | None = None
     num_clients: int = Field(10, ge=2)
     alpha: float = Field(0.5, gt=0)
-    shots: int = Field(16, ge=1)
+    shots: int = Field(64, ge=1)
     min_client_examples: int = Field(10, ge=1)
     max_train_examples: int | None = Field(None, ge=1)
     test_size: int | None = Field(None, ge=1)

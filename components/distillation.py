@@ -23,11 +23,11 @@ from components.training import shuffled_batches, prefer_channels_last
 class DistillSettings:
     """The ``distill`` params section."""
 
-    epochs: int = 20
-    lr: float = 0.01
+    epochs: int = 10
+    lr: float = 0.02
     momentum: float = 0.9
     batch_size: int = 32
-    temperature: float = 4.0
+    temperature: float = 8.0
     beta: float = 0.5
 
     def __post_init__(self) -> None:
