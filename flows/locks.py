@@ -2,8 +2,11 @@
 
 A Prefect global concurrency limit with one slot, named by
 ``operations.model_write_limit``, held for the whole of a federation or a
-deletion. ``fedforget serve`` creates it; without a shared Prefect server (the
-temporary per-process one) there is nothing to share and the limit is skipped.
+deletion. ``fedforget serve`` creates it, and so does every model writer that
+runs against a shared Prefect server (``PREFECT_API_URL`` set), so two
+``fedforget`` commands started by hand against one server also take turns.
+Without a shared server (the temporary per-process one) there is nothing to
+share and the limit is skipped.
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ from components.config import Config
 @contextmanager
 def model_write_lock(config: Config) -> Iterator[None]:
     from prefect.concurrency.sync import concurrency
+    from prefect.settings import PREFECT_API_URL
 
+    if PREFECT_API_URL.value():
+        ensure_model_write_limit(config.operations.model_write_limit)
     with concurrency(config.operations.model_write_limit, occupy=1, strict=False):
         yield
 
@@ -32,8 +38,11 @@ def ensure_model_write_limit(name: str) -> None:
         try:
             existing = client.read_global_concurrency_limit_by_name(name)
         except ObjectNotFound:
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1, active=True))
-            return
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1, active=True))
+                return
+            except Exception:  # another writer created it first: fall through and check it
+                existing = client.read_global_concurrency_limit_by_name(name)
         if existing.limit != 1 or not existing.active:
             from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
 
