@@ -6,7 +6,7 @@ deletion. ``fedforget serve`` creates it, and so does every model writer that
 runs against a shared Prefect server (``PREFECT_API_URL`` set), so two
 ``fedforget`` commands started by hand against one server also take turns.
 Without a shared server (the temporary per-process one) there is nothing to
-share and the limit is skipped.
+share and no limit is taken.
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ def model_write_lock(config: Config) -> Iterator[None]:
     from prefect.concurrency.sync import concurrency
     from prefect.settings import PREFECT_API_URL
 
-    if PREFECT_API_URL.value():
-        ensure_model_write_limit(config.operations.model_write_limit)
+    if not PREFECT_API_URL.value():  # a temporary per-process server: no other writer can reach it
+        yield
+        return
+    ensure_model_write_limit(config.operations.model_write_limit)
     with concurrency(config.operations.model_write_limit, occupy=1, strict=False):
         yield
 
