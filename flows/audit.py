@@ -93,8 +93,17 @@ def audit_flow(
     index = {v.tags["manifest_key"]: {**v.tags, "_version": v.version} for v in versions if "manifest_key" in v.tags}
     report = verify_task(runtime.store, target.version, dict(target.tags), index, client)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-    folder = out_dir or str(runtime.state_dir / "audits" / f"{config.registry.model_name}-v{target.version}-{stamp}")
+    folder = out_dir or _fresh_folder(runtime.state_dir / "audits" / f"{config.registry.model_name}-v{target.version}-{stamp}")
     files = render_task(report, folder)
     run_id = log_task(tracker, report, files)
     logger.info("audit of version %s: %s, %d findings", target.version, report.verdict, len(report.findings))
     return {"report": report.to_dict(), "exit_code": report.exit_code(), "files": files, "run_id": run_id}
+
+
+def _fresh_folder(base: Path) -> str:
+    """``base``, or ``base-2``, ``base-3``... : a second audit in the same second keeps the first's report."""
+    candidate, n = base, 1
+    while candidate.exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return str(candidate)

@@ -107,3 +107,12 @@ def test_audit_after_federate_and_unlearn(tiny_project, tmp_path):
     missing = runner.invoke(app, ["audit", "--json"])
     assert {"object_missing", "object_mismatch"} <= {f["kind"] for f in json.loads(missing.stdout[missing.stdout.index("{") :])["findings"]}
     assert runner.invoke(app, ["audit", "--version", "99"]).exit_code == 2
+
+
+def test_a_second_audit_in_the_same_second_keeps_the_first_report(tmp_path):
+    from flows.audit import _fresh_folder
+
+    first = _fresh_folder(tmp_path / "fedforget-v5-20261122T000000")
+    (tmp_path / "fedforget-v5-20261122T000000").mkdir()
+    second = _fresh_folder(tmp_path / "fedforget-v5-20261122T000000")
+    assert first != second and second.endswith("-2")
