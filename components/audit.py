@@ -23,6 +23,7 @@ from typing import Any
 
 from components.history import Manifest, RoundManifest, UnlearningManifest, manifest_from_bytes
 from components.store import ObjectNotFound, ObjectRef, ObjectStore, StoreError, sha256_bytes
+from components.unlearning import UnlearningError, read_tombstone, tombstoned_clients
 
 REPORT_SCHEMA = "fedforget/audit-report@1"
 
@@ -144,12 +145,13 @@ class AuditReport:
 def read_tombstones(store: ObjectStore) -> dict[str, dict[str, Any]]:
     """Every tombstone, by client id (unreadable ones are skipped: the audit reports purges it cannot explain)."""
     tombstones = {}
-    for key in store.list("tombstones/"):
+    for client_id in tombstoned_clients(store):
         try:
-            record = json.loads(store.get(key))
-            tombstones[record["client_id"]] = record
-        except (StoreError, ValueError, KeyError):
+            record = read_tombstone(store, client_id)
+        except (StoreError, ValueError, UnlearningError):
             continue
+        if record is not None:
+            tombstones[client_id] = record
     return tombstones
 
 

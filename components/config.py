@@ -130,12 +130,13 @@ class TeacherConfig(Section):
 class DistillConfig(Section):
     """The ``distill`` section: recovery training of the unlearned student."""
 
-    epochs: int = Field(10, ge=0)
-    lr: float = Field(0.02, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    batch_size: int = Field(32, ge=1)
-    temperature: float = Field(8.0, gt=0)
-    beta: float = Field(0.5, ge=0, le=1)
+    # Defaults are DistillSettings' own: one place to change them (besides params.yaml).
+    epochs: int = Field(DistillSettings.epochs, ge=0)
+    lr: float = Field(DistillSettings.lr, gt=0)
+    momentum: float = Field(DistillSettings.momentum, ge=0, lt=1)
+    batch_size: int = Field(DistillSettings.batch_size, ge=1)
+    temperature: float = Field(DistillSettings.temperature, gt=0)
+    beta: float = Field(DistillSettings.beta, ge=0, le=1)
 
     def settings(self) -> DistillSettings:
         return DistillSettings(**self.model_dump())

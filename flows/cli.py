@@ -71,10 +71,13 @@ def _run(fn: Any, *args: Any, **kwargs: Any) -> Any:
         raise typer.Exit(2) from None
 
 
-def _overrides(items: list[str] | None) -> dict[str, Any]:
+def _overrides(items: list[str] | None, flags: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``--set key=value`` items, then the verb's own flags (those given) on top."""
     from components.config import parse_override
 
-    return dict(parse_override(item) for item in items or [])
+    overrides = dict(parse_override(item) for item in items or [])
+    overrides.update({key: value for key, value in (flags or {}).items() if value is not None})
+    return overrides
 
 
 # --------------------------------------------------------------------------- prepare
@@ -271,11 +274,7 @@ def unlearn(
 ) -> None:
     """Forget a client: subtract its contributions, distil from the teacher, register, purge."""
     _quiet(verbose)
-    overrides = _overrides(set_)
-    if variant:
-        overrides["unlearn.variant"] = variant
-    if teacher:
-        overrides["unlearn.teacher"] = teacher
+    overrides = _overrides(set_, {"unlearn.variant": variant, "unlearn.teacher": teacher})
     result = _run(_run_unlearn, client, version, request_id, profile, overrides, reason)
     if json_out:
         out.print_json(json.dumps(result))
@@ -378,12 +377,10 @@ def evaluate(
 ) -> None:
     """Measure forgetting and recovery against retraining from scratch (backdoor, MIA, timings)."""
     _quiet(verbose)
-    overrides = _overrides(set_)
-    for key, value in (("evaluate.data.dataset", dataset), ("evaluate.data.num_clients", clients),
-                       ("evaluate.rounds", rounds), ("evaluate.seeds", seeds),
-                       ("evaluate.target_client", target_client)):  # fmt: skip
-        if value is not None:
-            overrides[key] = value
+    overrides = _overrides(set_, {
+        "evaluate.data.dataset": dataset, "evaluate.data.num_clients": clients, "evaluate.rounds": rounds,
+        "evaluate.seeds": seeds, "evaluate.target_client": target_client,
+    })  # fmt: skip
     chosen = QUICK_PROFILE if quick else profile
 
     def run() -> dict[str, Any]:
