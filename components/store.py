@@ -22,6 +22,16 @@ from typing import Any
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=/-]*$")
 
 
+# Error codes an S3 server sends for conditions that pass (besides any 5xx status).
+# botocore's standard retry mode retries 5xx, throttling codes and connection
+# errors with exponential backoff and jitter; what still fails is StoreUnavailable.
+TRANSIENT_S3_CODES = frozenset(
+    {"InternalError", "SlowDown", "ServiceUnavailable", "RequestTimeout", "Throttling", "ThrottlingException",
+     "OperationAborted"}
+)  # fmt: skip
+DEFAULT_S3_MAX_ATTEMPTS = 8
+
+
 class StoreError(RuntimeError):
     """Base class of object store errors."""
 
@@ -200,7 +210,9 @@ class S3Store(ObjectStore):
     endpoint_url
         Defaults to ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` (boto3 reads them).
     max_attempts
-        botocore's retry budget per request (standard mode, with backoff).
+        botocore's retry budget per request (standard mode: 5xx, throttling and
+        connection errors are retried with exponential backoff and jitter, up to
+        20 s apart; 8 attempts ride out a server restart of about half a minute).
     create_bucket
         Create the bucket on first use if it does not exist.
     """
@@ -211,7 +223,7 @@ class S3Store(ObjectStore):
         prefix: str = "",
         *,
         endpoint_url: str | None = None,
-        max_attempts: int = 5,
+        max_attempts: int = DEFAULT_S3_MAX_ATTEMPTS,
         connect_timeout: float = 5.0,
         read_timeout: float = 60.0,
         create_bucket: bool = True,
@@ -278,6 +290,13 @@ class S3Store(ObjectStore):
                 raise StoreError(
                     f"{self.url}: {action} refused ({code}); check AWS_ACCESS_KEY_ID and "
                     "AWS_SECRET_ACCESS_KEY"
+                ) from None
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            if status >= 500 or code in TRANSIENT_S3_CODES:
+                # botocore already retried it with backoff (standard mode): the server stayed unwell.
+                raise StoreUnavailable(
+                    f"{self.url}: {action} failed after {self.max_attempts} attempts: {code or status} "
+                    "(a transient server error; the store may be restarting or overloaded)"
                 ) from None
             raise StoreError(f"{self.url}: {action} failed: {code or exc}") from None
         except BotoCoreError as exc:
@@ -346,13 +365,16 @@ class S3Store(ObjectStore):
 def open_store(location: str | Path) -> ObjectStore:
     """Open ``s3://bucket[/prefix]`` as :class:`S3Store`, anything else as a folder.
 
-    ``FEDFORGET_S3_MAX_ATTEMPTS`` sets botocore's retry budget per request (default 5).
+    ``FEDFORGET_S3_MAX_ATTEMPTS`` sets botocore's retry budget per request (default 8).
     """
     text = str(location)
     if text.startswith("s3://"):
         rest = text[len("s3://") :]
         bucket, _, prefix = rest.partition("/")
-        attempts = int(os.environ.get("FEDFORGET_S3_MAX_ATTEMPTS") or 5)
+        raw = os.environ.get("FEDFORGET_S3_MAX_ATTEMPTS") or str(DEFAULT_S3_MAX_ATTEMPTS)
+        if not raw.isdigit() or int(raw) < 1:
+            raise ValueError(f"FEDFORGET_S3_MAX_ATTEMPTS must be a positive integer, got {raw!r}")
+        attempts = int(raw)
         return S3Store(bucket, prefix, max_attempts=attempts)
     if "://" in text:
         raise ValueError(f"unsupported store location {text!r}: use s3://bucket/prefix or a path")

@@ -39,13 +39,14 @@ from components.models import ModelSpec, init_model
 from components.state import StateDict
 from components.store import ObjectRef, open_store
 from components.training import torch_threads
-from components.unlearning import tombstoned_clients
+from components.unlearning import TaintedLineageError, check_clean, forgotten_in, tombstoned_clients
 from flows.locks import model_write_lock
 from flows.progress import report_progress
 from flows.teacher import teacher_task
 from flows.tracking import Tracker, VersionInfo
 
 COLLECTED_TAG = "archive_collected"
+TAINTED_EVENT = "fedforget.model.tainted"  # an alias points at a version that holds a forgotten client
 
 
 @task(name="train-client", cache_policy=NO_CACHE, task_run_name="train-{job.client_id}-r{job.server_round}")
@@ -149,6 +150,17 @@ def _resume_head(
     if champion is None:
         return None
     ref = manifest_ref_from_tags(champion.tags)
+    alias = tracker.registry.champion_alias
+    try:
+        check_clean(
+            history, history.store, ref, champion.version, "resume training from",
+            f"The {alias} alias was moved to it (a rollback?): point {alias} at a version without them "
+            "(the deletion's version or a later one), or start over with --fresh.",
+        )  # fmt: skip
+    except TaintedLineageError as exc:
+        logger.error("%s", exc)
+        emit_tainted_event(tracker.registry.model_name, champion.version, exc.clients, alias)
+        raise
     manifest = history.read_manifest(ref)
     if manifest.model != spec:
         raise ValueError(
@@ -159,6 +171,25 @@ def _resume_head(
     return LineageHead.of(ref, manifest), champion
 
 
+def emit_tainted_event(model_name: str, version: str, clients: Sequence[str], alias: str) -> None:
+    """Tell Prefect (and whoever automates on its events) that an alias points at a tainted version.
+
+    Best effort: without a reachable API the error is still raised and logged.
+    """
+    try:
+        from prefect.events import emit_event
+        from prefect.events.worker import EventsWorker
+
+        emit_event(
+            event=TAINTED_EVENT,
+            resource={"prefect.resource.id": f"fedforget.model.{model_name}.{version}"},
+            payload={"version": version, "alias": alias, "forgotten_clients": list(clients)},
+        )
+        EventsWorker.drain_all(timeout=5)  # the run is about to fail: send it now
+    except Exception:  # noqa: BLE001 - the refusal itself must not depend on the event bus
+        pass
+
+
 def _promote(
     tracker: Tracker, history: UpdateHistory, final: VersionInfo, accuracy: float,
     data: FederationData, config: Config, rule: str,
@@ -166,6 +197,15 @@ def _promote(
     """Move ``champion`` to ``final`` as the rule says; tag a rejected version with the reason."""
     current = tracker.alias()
     decision: dict[str, Any] = {"rule": rule, "champion": current.version if current else None, "promoted": False}
+    check_clean(
+        history, history.store, manifest_ref_from_tags(final.tags), final.version, "promote",
+        "Its clients were forgotten while it trained; run the federation again.",
+    )  # fmt: skip
+    if current is not None and current.version != final.version:
+        if forgotten_in(history, history.store, manifest_ref_from_tags(current.tags)):
+            # A champion that still holds a forgotten client is no yardstick: a clean candidate replaces it.
+            rule = "always" if rule == "gate" else rule
+            decision["champion_tainted"] = True
     if rule == "never":
         decision["decision"] = f"left at version {decision['champion']} (promote: never)"
         return decision
@@ -262,6 +302,8 @@ def _federate(runtime: Runtime, config: Config, profile: str, fresh: bool, promo
     tracker = Tracker(runtime, config.registry)
     strategy = build_strategy(config.federate.strategy, clients_per_round=config.federate.clients_per_round)
     federation_id = new_federation_id()
+    # Resume (and its lineage check) first: a refused source leaves everything as it was.
+    resumed = None if fresh or not config.federate.resume else _resume_head(tracker, history, spec, logger)
     collected = collect_garbage_task(tracker, runtime.store)
     if collected["objects"]:
         logger.warning(
@@ -272,7 +314,6 @@ def _federate(runtime: Runtime, config: Config, profile: str, fresh: bool, promo
     threads = max(1, (os.cpu_count() or 1) // config.federate.max_workers)
     in_threads = config.federate.task_runner == "threads"
 
-    resumed = None if fresh or not config.federate.resume else _resume_head(tracker, history, spec, logger)
     if resumed is None:
         initial = init_model(spec, seed=config.federate.seed).state_dict()
         head = history.write_initial(federation_id, initial, spec, config.federate.seed)

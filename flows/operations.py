@@ -234,6 +234,7 @@ def serve(profile: str = "default", project: str | None = None, sweep: bool = Tr
         description="Applies a filed deletion request (fedforget request-deletion).",
     )
 
+    _report_tainted_champion(config, runtime)
     dispatch = _dispatcher(config, runtime, profile)
     if sweep:
         def sweeper() -> None:
@@ -248,6 +249,28 @@ def serve(profile: str = "default", project: str | None = None, sweep: bool = Tr
         threading.Thread(target=sweeper, name="fedforget-sweep", daemon=True).start()
     with _shared_api():
         prefect_serve(retrain, deletions)
+
+
+def _report_tainted_champion(config: Config, runtime: Runtime) -> None:
+    """At start: say loudly if champion still holds a forgotten client (retraining will refuse it)."""
+    from components.unlearning import forgotten_in
+
+    try:
+        champion = Tracker(runtime, config.registry).alias()
+        if champion is None:
+            return
+        store = open_store(runtime.store)
+        tainted = forgotten_in(UpdateHistory(store), store, manifest_ref_from_tags(champion.tags))
+    except Exception as exc:  # noqa: BLE001 - serving must start; the flows check again
+        print(f"could not check {config.registry.champion_alias}'s lineage: {type(exc).__name__}: {exc}", flush=True)
+        return
+    if tainted:
+        print(
+            f"ERROR: {config.registry.champion_alias} (version {champion.version}) still contains forgotten "
+            f"client(s) {', '.join(tainted)}: scheduled retraining will refuse to train from it until "
+            f"{config.registry.champion_alias} points at a clean version",
+            flush=True,
+        )
 
 
 @contextmanager

@@ -36,6 +36,7 @@ from components.store import ObjectRef, open_store
 from components.unlearning import (
     ForgetResult,
     UnlearningError,
+    check_clean,
     delete_objects,
     forget_client,
     list_client_objects,
@@ -250,6 +251,12 @@ def _unlearn(
         raise UnlearningError("no model version to unlearn from: run `fedforget federate` first")
     source_ref = manifest_ref_from_tags(source.tags)
     source_manifest = history.read_manifest(source_ref)
+    champion = tracker.alias() if version else source
+    check_clean(
+        history, store, source_ref, source.version, f"unlearn {client_id} from",
+        f"Unlearn from the current {config.registry.champion_alias} (version "
+        f"{champion.version if champion else 'none'}), which is free of forgotten clients, or omit --version.",
+    )  # fmt: skip
     if client_id not in source_manifest.sums:
         raise UnlearningError(
             f"client {client_id} never contributed to version {source.version} (or its lineage); nothing changed"

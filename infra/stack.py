@@ -244,15 +244,33 @@ def _bucket_ready(directory: Path, state: dict[str, Any]) -> bool:
     )
     try:
         client.head_bucket(Bucket=state["bucket"])
-        return True
     except ClientError as exc:
         if str(exc.response.get("Error", {}).get("Code")) not in ("404", "NoSuchBucket", "NotFound"):
             return False
+        try:
+            client.create_bucket(Bucket=state["bucket"])
+        except (ClientError, BotoCoreError):
+            return False
     except BotoCoreError:
         return False
+    return store_round_trip(client, state["bucket"])
+
+
+def store_round_trip(client: Any, bucket: str) -> bool:
+    """Write, read back and delete a probe object: the store can really serve data.
+
+    A restarted SeaweedFS answers on its S3 port (and even HEAD bucket) before
+    its volume server is ready, and then fails writes with 500 InternalError.
+    """
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    key = f".health/probe-{secrets.token_hex(4)}"
+    payload = secrets.token_bytes(64)
     try:
-        client.create_bucket(Bucket=state["bucket"])
-        return True
+        client.put_object(Bucket=bucket, Key=key, Body=payload)
+        ok = client.get_object(Bucket=bucket, Key=key)["Body"].read() == payload
+        client.delete_object(Bucket=bucket, Key=key)
+        return ok
     except (ClientError, BotoCoreError):
         return False
 

@@ -10,10 +10,9 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 def free_ports(count: int) -> list[int]:
@@ -34,6 +33,16 @@ def free_ports(count: int) -> list[int]:
         for s in sockets:
             s.close()
     return ports
+
+
+def _infra_stack() -> Any:
+    """infra/stack.py as a module (infra/ is scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fedforget_infra_stack", Path(__file__).resolve().parents[1] / "infra" / "stack.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def weed_binary() -> str:
@@ -91,15 +100,31 @@ class SeaweedFS:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"weed exited early; see {self.root / 'weed.out'}")
-            try:
-                urllib.request.urlopen(self.endpoint, timeout=1)
+            if self.serves_data():
                 return
-            except urllib.error.HTTPError:
-                return  # 403 without credentials: S3 is answering
-            except OSError:
-                time.sleep(0.2)
+            time.sleep(0.2)
         self.stop()
         raise RuntimeError(f"SeaweedFS S3 did not answer on {self.endpoint} within {timeout}s")
+
+    def serves_data(self) -> bool:
+        """A signed write, read-back and delete succeed (not only an open port)."""
+        import boto3
+        from botocore.config import Config
+
+        store_round_trip = _infra_stack().store_round_trip
+        client = boto3.session.Session().client(
+            "s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key, region_name="us-east-1",
+            config=Config(retries={"max_attempts": 1}, connect_timeout=1, read_timeout=5, s3={"addressing_style": "path"}),
+        )  # fmt: skip
+        try:
+            client.head_bucket(Bucket="health")
+        except Exception:  # noqa: BLE001 - absent, or the server is not up yet
+            try:
+                client.create_bucket(Bucket="health")
+            except Exception:  # noqa: BLE001
+                return False
+        return store_round_trip(client, "health")
 
     def stop(self, timeout: float = 20.0) -> None:
         if self.process is None or self.process.poll() is not None:

@@ -227,12 +227,39 @@ def test_retraining_deployment_schedule_and_gate(stack_ops):
         # and one it promotes
         promoted = run_deployment(name, parameters={"rounds": 1, "overrides": {"operations.gate_tolerance": 1.0}}, timeout=300)
         assert promoted.state.is_completed(), log.read_text()[-3000:]
+        # a rollback to the version the deletion started from (it still holds client_02):
+        # the scheduled run refuses to train from it, registers nothing and sends an error event
+        source = tracker.version(champion).tags["source_version"]
+        tracker.set_alias(source)
+        before = [(v.version, dict(v.tags)) for v in tracker.versions()]
+        refused = run_deployment(name, parameters={"rounds": 1}, timeout=300)
+        assert refused.state.is_failed(), log.read_text()[-3000:]
+        assert [(v.version, dict(v.tags)) for v in tracker.versions()] == before
+        assert tracker.alias().version == source
+        assert tainted_events(f"fedforget.model.{ops['name']}.{source}") == [["client_02"]]
+        tracker.set_alias(before[-1][0])
     globals_ = [v for v in tracker.versions() if v.tags.get("kind") == "global"]
     first, second = globals_[-2], globals_[-1]
+    assert "refusing to resume training from version" in log.read_text()
     assert "rejected" in first.tags and "tolerance -1.0" in first.tags["rejected"]
     assert "rejected" not in second.tags and tracker.alias().version == second.version != champion
     for version in (first, second):  # the tombstoned client took no part
         assert "client_02" not in version.tags["clients"].split(",")
+
+
+def tainted_events(resource_id: str, timeout: float = 30) -> list[list[str]]:
+    """The forgotten clients named by ``fedforget.model.tainted`` events about one version."""
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+    query = EventFilter(event=EventNameFilter(name=["fedforget.model.tainted"]), resource=EventResourceFilter(id=[resource_id]))
+    deadline = time.monotonic() + timeout
+    while True:  # events are stored asynchronously
+        with get_client(sync_client=True) as client:
+            found = [e.payload["forgotten_clients"] for e in client.read_events(filter=query, limit=50).events]
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(1)
 
 
 @pytest.mark.usefixtures("prefect_harness")
