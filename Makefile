@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: install datasets demo test clean
+.PHONY: install datasets demo lint test clean
 
 install: $(STAMP)
 
@@ -39,7 +39,11 @@ datasets:
 demo: install datasets
 	$(BIN)/fedforget demo
 
-test: install datasets
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: install datasets lint
 	$(BIN)/python -m pytest
 
 clean:

@@ -48,8 +48,9 @@ def main() -> int:
     os.environ["FEDFORGET_STORE"] = args.store or str(scratch / "store")
     os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri or f"sqlite:///{scratch / 'mlflow.db'}"
 
-    from components.config import Runtime, load_config
-    from flows.cli import prepare_data
+    from components.config.runtime import Runtime
+    from components.config.sections import load_config
+    from flows.cli.data import prepare_data
     from flows.federate import run_federate
 
     runtime = Runtime.from_env()
@@ -102,17 +103,23 @@ def main() -> int:
     path = args.out / f"federation_overhead-{args.profile}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
 
-    print(f"{config.data.dataset}, {config.data.num_clients} clients, {config.train.local_epochs} local epoch(s), "
-          f"{config.federate.max_workers} parallel ({config.federate.task_runner}), store {summary['store']}")
-    header = f"{'round':>5} {'round s':>8} {'clients s':>9} {'compute sum':>11} {'else s':>7} {'else %':>7} " \
-             f"{'aggr':>5} {'archive':>7} {'eval':>5} {'register':>8} {'ovh %':>6} {'acc':>6}"
+    print(
+        f"{config.data.dataset}, {config.data.num_clients} clients, {config.train.local_epochs} local epoch(s), "
+        f"{config.federate.max_workers} parallel ({config.federate.task_runner}), store {summary['store']}"
+    )
+    header = (
+        f"{'round':>5} {'round s':>8} {'clients s':>9} {'compute sum':>11} {'else s':>7} {'else %':>7} "
+        f"{'aggr':>5} {'archive':>7} {'eval':>5} {'register':>8} {'ovh %':>6} {'acc':>6}"
+    )
     print(header)
     for r in rows:
-        print(f"{r['round']:>5} {r['round_s']:>8.2f} {r['client_phase_s']:>9.2f} {r['client_compute_sum_s']:>11.2f} "
-              f"{r['everything_else_s']:>7.2f} {r['everything_else_pct_of_client_phase']:>6.1f}% "
-              f"{r['aggregate_s']:>5.2f} {r['archive_s']:>7.2f} {r['evaluate_s']:>5.2f} {r['register_s']:>8.2f} "
-              f"{r['overhead_excl_eval_pct_of_client_phase']:>5.1f}% "
-              f"{r['test_accuracy']:>6.3f}")
+        print(
+            f"{r['round']:>5} {r['round_s']:>8.2f} {r['client_phase_s']:>9.2f} {r['client_compute_sum_s']:>11.2f} "
+            f"{r['everything_else_s']:>7.2f} {r['everything_else_pct_of_client_phase']:>6.1f}% "
+            f"{r['aggregate_s']:>5.2f} {r['archive_s']:>7.2f} {r['evaluate_s']:>5.2f} {r['register_s']:>8.2f} "
+            f"{r['overhead_excl_eval_pct_of_client_phase']:>5.1f}% "
+            f"{r['test_accuracy']:>6.3f}"
+        )
     print(f"flow total {total:.1f} s (incl. Prefect/MLflow start-up); peak RSS {peak_self:.0f} MiB")
     print(f"wrote {path}")
     return 0

@@ -29,8 +29,9 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,15 +51,19 @@ def main() -> int:
     import numpy as np
     import torch
 
-    from components.config import Runtime, load_config
-    from components.data import FederationData, load_raw, prepare_data, read_split
-    from components.distillation import DistillSettings, distill, teacher_logits_for
-    from components.evaluation import model_from_state, simulate_federation
-    from components.history import UpdateHistory
-    from components.store import LocalStore
-    from components.teacher import FeatureCache, build_backbone, fit_teacher, teacher_logits
-    from components.training import evaluate
-    from components.unlearning import forget_client
+    from components.config.runtime import Runtime
+    from components.config.sections import load_config
+    from components.data.datasets import load_raw
+    from components.data.layout import FederationData, prepare_data, read_split
+    from components.evaluation.unlearning import simulate_federation
+    from components.learning.distill import DistillSettings, distill, teacher_logits_for
+    from components.learning.train import evaluate
+    from components.lineage.history import UpdateHistory
+    from components.lineage.store import LocalStore
+    from components.models.clip_backbone import build_backbone
+    from components.models.clip_teacher import FeatureCache, fit_teacher, teacher_logits
+    from components.unlearning.forget import forget_client
+    from components.unlearning.verify import model_from_state
 
     runtime = Runtime.from_env()
     config = load_config(runtime.params_path, args.profile)
@@ -85,8 +90,11 @@ def main() -> int:
     started = time.perf_counter()
     original = simulate_federation(spec, shards, validation, config.train.settings(), rounds,
                                    config.federate.seed + args.seed, history, "tune")  # fmt: skip
-    print(f"federation: {rounds} rounds in {time.perf_counter() - started:.0f} s; "
-          f"validation accuracy {original.test_accuracy[-1]:.4f}; forgetting {target}", flush=True)
+    print(
+        f"federation: {rounds} rounds in {time.perf_counter() - started:.0f} s; "
+        f"validation accuracy {original.test_accuracy[-1]:.4f}; forgetting {target}",
+        flush=True,
+    )
     forgotten = forget_client(history, original.manifest, history.read_manifest(original.manifest), target).state
     val_forgotten = evaluate(model_from_state(spec, forgotten), validation)["accuracy"]
 
@@ -103,8 +111,8 @@ def main() -> int:
     base_teacher = config.teacher.spec()
     backbone = build_backbone(base_teacher)
     if args.grid == "speed":
-        return speed_sweep(args, config, spec, shards, validation, rounds, target, original, val_forgotten,
-                           few_shot, forgotten, base_teacher, backbone, fed, cache)  # fmt: skip
+        return speed_sweep(Setup(args, config, spec, shards, validation, rounds, target, original, val_forgotten,
+                                 few_shot, forgotten, base_teacher, backbone, fed, cache))  # fmt: skip
     rows = []
     for shots in shots_grid:
         data = few_shot(shots)
@@ -124,7 +132,10 @@ def main() -> int:
             d = replace(config.distill.settings(), beta=beta, temperature=temperature, epochs=epochs)
             rows.append({"teacher": "global-model", "shots": shots, "beta": beta, "temperature": temperature,
                          "epochs": epochs, "validation_accuracy": recover(global_logits, data, d)})  # fmt: skip
-        print(f"shots {shots}: best clip so far {max(r['validation_accuracy'] for r in rows if r['teacher'] == 'clip'):.4f}", flush=True)
+        print(
+            f"shots {shots}: best clip so far {max(r['validation_accuracy'] for r in rows if r['teacher'] == 'clip'):.4f}",
+            flush=True,
+        )
 
     clip = sorted((r for r in rows if r["teacher"] == "clip"), key=lambda r: -r["validation_accuracy"])
     default = next(
@@ -152,17 +163,43 @@ def main() -> int:
     return 0
 
 
-def speed_sweep(args, config, spec, shards, validation, rounds, target, original, val_forgotten,
-                few_shot, forgotten, base_teacher, backbone, fed, cache) -> int:  # fmt: skip
+@dataclass
+class Setup:
+    """The federation, the forgotten model and the teacher's pieces every sweep starts from."""
+
+    args: argparse.Namespace
+    config: Any
+    spec: Any
+    shards: dict
+    validation: Any
+    rounds: int
+    target: str
+    original: Any
+    val_forgotten: float
+    few_shot: Any  # shots -> the few-shot subset
+    forgotten: dict
+    base_teacher: Any
+    backbone: Any
+    fed: Any
+    cache: Any
+
+
+def speed_sweep(setup: Setup) -> int:
     """Distillation settings by validation accuracy and wall time, next to Retrain's accuracy."""
     import torch
 
-    from components.distillation import DistillSettings, distill
-    from components.evaluation import model_from_state, simulate_federation
-    from components.history import UpdateHistory
-    from components.store import LocalStore
-    from components.teacher import fit_teacher, teacher_logits
-    from components.training import evaluate
+    args, config, spec, shards, validation = setup.args, setup.config, setup.spec, setup.shards, setup.validation
+    rounds, target, original, val_forgotten = setup.rounds, setup.target, setup.original, setup.val_forgotten
+    few_shot, forgotten, base_teacher, backbone = setup.few_shot, setup.forgotten, setup.base_teacher, setup.backbone
+    fed, cache = setup.fed, setup.cache
+
+    from components.evaluation.unlearning import simulate_federation
+    from components.learning.distill import distill
+    from components.learning.train import evaluate
+    from components.lineage.history import UpdateHistory
+    from components.lineage.store import LocalStore
+    from components.models.clip_teacher import fit_teacher, teacher_logits
+    from components.unlearning.verify import model_from_state
 
     started = time.perf_counter()
     remaining = {c: s for c, s in shards.items() if c != target}

@@ -75,16 +75,16 @@ def main() -> int:
     # The teacher alone first, in a clean process (its peak memory is the figure).
     probe = subprocess.run(
         [sys.executable, "-c", TEACHER_PROBE, args.profile, str(scratch / "probe-features")],
-        capture_output=True, text=True, env=dict(os.environ), cwd=REPO,
+        check=False, capture_output=True, text=True, env=dict(os.environ), cwd=REPO,
     )  # fmt: skip
     if probe.returncode != 0:
         print(probe.stderr, file=sys.stderr)
         return 1
     teacher = json.loads(probe.stdout.strip().splitlines()[-1])
 
-    from components.config import Runtime
-    from components.data import FederationData
-    from flows.cli import prepare_data
+    from components.config.runtime import Runtime
+    from components.data.layout import FederationData
+    from flows.cli.data import prepare_data
     from flows.federate import run_federate
     from flows.unlearn import unlearn
 
@@ -136,24 +136,43 @@ def main() -> int:
     path = args.out / f"unlearning-{args.profile}-{args.rounds}rounds.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
 
-    print(f"federation: {len(data.client_ids())} clients x {args.rounds} rounds: {federation_rounds_s:.1f} s "
-          f"(flow {federation_flow_s:.1f} s), test accuracy {result['federation_final_test_accuracy']:.4f}")
-    steps = ["validate_s", "forget_s", "teacher_s", "distill_s", "evaluate_s", "archive_s", "register_s", "finalise_s", "total_s"]
+    print(
+        f"federation: {len(data.client_ids())} clients x {args.rounds} rounds: {federation_rounds_s:.1f} s "
+        f"(flow {federation_flow_s:.1f} s), test accuracy {result['federation_final_test_accuracy']:.4f}"
+    )
+    steps = [
+        "validate_s",
+        "forget_s",
+        "teacher_s",
+        "distill_s",
+        "evaluate_s",
+        "archive_s",
+        "register_s",
+        "finalise_s",
+        "total_s",
+    ]
     print(f"{'unlearning':>15} " + " ".join(f"{s[:-2]:>9}" for s in steps) + f" {'core/fed':>9} {'all/fed':>8}")
     for label, r in runs.items():
         t = r["timings"]
-        print(f"{label:>15} " + " ".join(f"{t[s]:>9.2f}" for s in steps)
-              + f" {'1/' + format(1 / r['core_vs_federation'], '.0f'):>9} {'1/' + format(1 / r['flow_steps_vs_federation'], '.0f'):>8}")
+        print(
+            f"{label:>15} "
+            + " ".join(f"{t[s]:>9.2f}" for s in steps)
+            + f" {'1/' + format(1 / r['core_vs_federation'], '.0f'):>9} {'1/' + format(1 / r['flow_steps_vs_federation'], '.0f'):>8}"
+        )
     for label, r in runs.items():
         m = r["metrics"]
-        print(f"{label} ({r['client']}, {r['client_examples']} examples): test accuracy {m['test_accuracy_before']:.4f} before, "
-              f"{m['test_accuracy_forgotten']:.4f} after forgetting, {m['test_accuracy_after']:.4f} after distillation; "
-              f"on the client's data {m['forgotten_client_accuracy_before']:.4f} -> {m['forgotten_client_accuracy_forgotten']:.4f} "
-              f"-> {m['forgotten_client_accuracy_after']:.4f}")
-    print(f"teacher ({teacher['preset']}, {teacher['image_size']} px): build {teacher['build_s']:.2f} s, fit with cold features "
-          f"{teacher['fit_cold_total_s']:.2f} s, with cached features {teacher['fit_cached_total_s']:.2f} s "
-          f"(head {teacher['head_fit_s']:.2f} s); few-shot val {teacher['val_accuracy']:.3f}, "
-          f"test ({teacher['test_examples']:.0f}) {teacher['test_accuracy']:.3f}; peak RSS {teacher['peak_rss_mib']:.0f} MiB")
+        print(
+            f"{label} ({r['client']}, {r['client_examples']} examples): test accuracy {m['test_accuracy_before']:.4f} before, "
+            f"{m['test_accuracy_forgotten']:.4f} after forgetting, {m['test_accuracy_after']:.4f} after distillation; "
+            f"on the client's data {m['forgotten_client_accuracy_before']:.4f} -> {m['forgotten_client_accuracy_forgotten']:.4f} "
+            f"-> {m['forgotten_client_accuracy_after']:.4f}"
+        )
+    print(
+        f"teacher ({teacher['preset']}, {teacher['image_size']} px): build {teacher['build_s']:.2f} s, fit with cold features "
+        f"{teacher['fit_cold_total_s']:.2f} s, with cached features {teacher['fit_cached_total_s']:.2f} s "
+        f"(head {teacher['head_fit_s']:.2f} s); few-shot val {teacher['val_accuracy']:.3f}, "
+        f"test ({teacher['test_examples']:.0f}) {teacher['test_accuracy']:.3f}; peak RSS {teacher['peak_rss_mib']:.0f} MiB"
+    )
     print(f"wrote {path}")
     return 0
 

@@ -7,18 +7,20 @@ to MLflow as the artifacts of an audit run tagged with the audited version.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from components.audit import AuditReport, audit
-from components.audit_render import plot_lineage, render_markdown
-from components.config import Runtime, load_config
-from components.store import open_store
-from components.unlearning import validate_client_id
+from components.audit.audit import AuditReport, audit
+from components.config.runtime import Runtime
+from components.config.sections import load_config, registered_model_profiles
+from components.lineage.store import open_store
+from components.lineage.tags import audit_run_tags
+from components.unlearning.tombstones import validate_client_id
+from flows.reports.audit import plot_lineage, render_markdown
 from flows.tracking import Tracker
 
 
@@ -27,7 +29,9 @@ class AuditTargetError(ValueError):
 
 
 @task(name="verify-lineage", cache_policy=NO_CACHE)
-def verify_task(store_url: str, version: str, tags: dict[str, str], index: dict[str, dict[str, str]], client: str | None) -> AuditReport:
+def verify_task(
+    store_url: str, version: str, tags: dict[str, str], index: dict[str, dict[str, str]], client: str | None
+) -> AuditReport:
     return audit(open_store(store_url), version, tags, index, client)
 
 
@@ -45,16 +49,10 @@ def render_task(report: AuditReport, out_dir: str) -> dict[str, str]:
 
 @task(name="log-audit", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
 def log_task(tracker: Tracker, report: AuditReport, files: dict[str, str]) -> str:
-    run_id = tracker.start_run(
-        f"audit-v{report.version}",
-        tags={
-            "kind": "audit",
-            "audited_version": report.version,
-            "verdict": report.verdict,
-            "findings": str(len(report.findings)),
-            **({"audited_client": report.client} if report.client else {}),
-        },
+    tags = audit_run_tags(
+        version=report.version, verdict=report.verdict, findings=len(report.findings), client=report.client
     )
+    run_id = tracker.start_run(f"audit-v{report.version}", tags=tags)
     for path in files.values():
         tracker.log_file(run_id, path, "audit")
     tracker.log_metrics(run_id, {"objects_checked": len(report.objects), "findings": len(report.findings)}, step=0)
@@ -84,16 +82,18 @@ def audit_flow(
     by_number = {v.version: v for v in versions}
     if version:
         target = by_number.get(str(version))
-        if target is None:
-            raise AuditTargetError(f"{config.registry.model_name} has no version {version}")
+        what = f"version {version}"
     else:
         target = tracker.alias(alias)
-        if target is None:
-            raise AuditTargetError(f"{config.registry.model_name} has no alias {alias or config.registry.champion_alias!r}")
+        what = f"alias {alias or config.registry.champion_alias!r}"
+    if target is None:
+        raise AuditTargetError(tracker.missing(what, registered_model_profiles(runtime.params_path)))
     index = {v.tags["manifest_key"]: {**v.tags, "_version": v.version} for v in versions if "manifest_key" in v.tags}
     report = verify_task(runtime.store, target.version, dict(target.tags), index, client)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-    folder = out_dir or _fresh_folder(runtime.state_dir / "audits" / f"{config.registry.model_name}-v{target.version}-{stamp}")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    folder = out_dir or _fresh_folder(
+        runtime.state_dir / "audits" / f"{config.registry.model_name}-v{target.version}-{stamp}"
+    )
     files = render_task(report, folder)
     run_id = log_task(tracker, report, files)
     logger.info("audit of version %s: %s, %d findings", target.version, report.verdict, len(report.findings))

@@ -14,17 +14,20 @@ import json
 import shutil
 import tempfile
 from dataclasses import asdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from components.config import Config, Runtime, load_config
-from components.data import RawDataset, load_raw, validate_settings
-from components.evaluation import EvaluationSettings, evaluate_seed
-from components.evaluation_render import (
+from components.config.runtime import Runtime
+from components.config.sections import Config, load_config
+from components.data.datasets import RawDataset, load_raw
+from components.data.layout import validate_settings
+from components.evaluation.unlearning import EvaluationSettings, evaluate_seed
+from components.lineage.tags import evaluation_run_tags
+from flows.reports.evaluation import (
     all_finite,
     plot_accuracy_per_round,
     plot_metrics,
@@ -79,7 +82,9 @@ def write_task(result: dict[str, Any], out_dir: str) -> dict[str, str]:
 @task(name="log-evaluation", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
 def log_task(tracker: Tracker, result: dict[str, Any], files: dict[str, str]) -> str:
     cfg = result["config"]
-    run_id = tracker.start_run(f"evaluation-{cfg['dataset']}-{cfg['clients']}c-{cfg['rounds']}r", tags={"kind": "evaluation"})
+    run_id = tracker.start_run(
+        f"evaluation-{cfg['dataset']}-{cfg['clients']}c-{cfg['rounds']}r", tags=evaluation_run_tags("unlearning")
+    )
     tracker.log_params(run_id, cfg)
     tracker.log_metrics(run_id, {
         f"{method}.{metric}": values["mean"]
@@ -106,7 +111,7 @@ def evaluate_flow(
     data = config.evaluation_data()
     raw = load_raw(data.dataset, runtime.raw_dir or data.raw_dir)
     validate_settings(settings.data, raw)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     folder = out_dir or str(runtime.state_dir / "evaluation" / f"{profile}-{stamp}")
     workdir = tempfile.mkdtemp(prefix="evaluation-", dir=runtime.cache_dir if runtime.cache_dir.exists() else None)
     try:
@@ -134,7 +139,9 @@ def evaluate_flow(
         },
         "seeds": seeds,
         "summary": summary,
-        "targets": targets(summary, cold_teacher_s=float(sum(s["kd_clip_seconds_with_cold_teacher"] for s in seeds) / len(seeds))),
+        "targets": targets(
+            summary, cold_teacher_s=float(sum(s["kd_clip_seconds_with_cold_teacher"] for s in seeds) / len(seeds))
+        ),
     }
     result["all_finite"] = all_finite(result["seeds"]) and all_finite(summary)
     files = write_task(result, folder)

@@ -1,32 +1,56 @@
 """One model writer at a time: retraining and unlearning never change the model concurrently.
 
-A Prefect global concurrency limit with one slot, named by
-``operations.model_write_limit``, held for the whole of a federation or a
-deletion. ``fedforget serve`` creates it, and so does every model writer that
-runs against a shared Prefect server (``PREFECT_API_URL`` set), so two
-``fedforget`` commands started by hand against one server also take turns.
-Without a shared server (the temporary per-process one) there is nothing to
-share and no limit is taken.
+With a shared Prefect server (``PREFECT_API_URL`` set): a Prefect global
+concurrency limit with one slot, named by ``operations.model_write_limit``,
+held for the whole of a federation or a deletion. ``fedforget serve`` creates
+it, and so does the first model writer of a process that finds it missing.
+
+Without one (embedded defaults, each process with its temporary server): a file
+lock beside the project's state (``.fedforget/model-writes.lock``), so two
+``fedforget`` commands started at once on one machine take turns too.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
-from components.config import Config
+from components.config.runtime import Runtime
+from components.config.sections import Config
+
+LOCK_FILE = "model-writes.lock"
+_ENSURED: set[str] = set()  # limits this process has checked (one API round trip each, not per run)
+_ENSURED_LOCK = threading.Lock()
 
 
 @contextmanager
-def model_write_lock(config: Config) -> Iterator[None]:
-    from prefect.concurrency.sync import concurrency
+def model_write_lock(config: Config, runtime: Runtime) -> Iterator[None]:
     from prefect.settings import PREFECT_API_URL
 
-    if not PREFECT_API_URL.value():  # a temporary per-process server: no other writer can reach it
-        yield
+    if not PREFECT_API_URL.value():
+        with file_lock(runtime.state_dir / LOCK_FILE):
+            yield
         return
-    ensure_model_write_limit(config.operations.model_write_limit)
-    with concurrency(config.operations.model_write_limit, occupy=1, strict=False):
+    from prefect.concurrency.sync import concurrency
+
+    name = config.operations.model_write_limit
+    with _ENSURED_LOCK:
+        if name not in _ENSURED:
+            ensure_model_write_limit(name)
+            _ENSURED.add(name)
+    with concurrency(name, occupy=1, strict=False):
+        yield
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` (created if missing), released even if the process dies."""
+    from filelock import FileLock
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path)):
         yield
 
 

@@ -21,18 +21,27 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from prefect import flow, get_run_logger
 
-from components.config import Config, Runtime, load_config
-from components.federation import manifest_ref_from_tags
-from components.history import UpdateHistory, validate_id
-from components.requests import EVENT_NAME, RESOURCE_PREFIX, DeletionRequest, RequestBook, RequestError
-from components.store import open_store
-from components.unlearning import UnlearningError, read_tombstone, validate_client_id
+from components.config.runtime import Runtime
+from components.config.sections import Config, load_config, registered_model_profiles
+from components.core.ids import validate_id
+from components.federation.protocol import UnlearningError
+from components.lineage.history import UpdateHistory
+from components.lineage.store import open_store
+from components.lineage.tags import manifest_ref_from_tags
+from components.unlearning.requests import (
+    EVENT_NAME,
+    RESOURCE_PREFIX,
+    DeletionRequest,
+    RequestBook,
+    RequestError,
+)
+from components.unlearning.tombstones import read_tombstone, validate_client_id
 from flows.tracking import Tracker
 from flows.unlearn import unlearn
 
@@ -53,7 +62,7 @@ def _mark_crashed(flow: Any, flow_run: Any, state: Any) -> None:
         runtime = Runtime.from_env(params.get("project"))
         book = RequestBook(open_store(runtime.store))
         book.move(params["request_id"], "failed", error=f"the flow run crashed: {state.message or state.name}")
-    except Exception:  # noqa: BLE001 - a hook must never raise
+    except Exception:
         pass
 
 
@@ -133,7 +142,10 @@ def request_deletion(
     tracker = Tracker(runtime, config.registry)
     champion = tracker.alias()
     if champion is None:
-        raise UnlearningError(f"{config.registry.model_name} has no champion yet: there is nothing to forget from")
+        hint = tracker.missing(
+            f"alias {config.registry.champion_alias!r}", registered_model_profiles(runtime.params_path)
+        )
+        raise UnlearningError(f"nothing to forget from: {hint}; nothing filed")
     manifest = UpdateHistory(store).read_manifest(manifest_ref_from_tags(champion.tags))
     if client_id not in manifest.sums:
         raise UnlearningError(
@@ -156,16 +168,16 @@ def emit_request(request: DeletionRequest, timeout_s: float = 10.0) -> bool:
         )
         if event is None:
             return False
-        done, not_done = EventsWorker.drain_all(timeout=timeout_s)
+        _done, not_done = EventsWorker.drain_all(timeout=timeout_s)
         return not not_done
-    except Exception:  # noqa: BLE001 - the request is filed; serve's sweep covers a lost event
+    except Exception:
         return False
 
 
 # --------------------------------------------------------------------------- serving
 
 
-def sweep_pending(config: Config, runtime: Runtime, profile: str, dispatch: Any) -> list[str]:
+def sweep_pending(config: Config, runtime: Runtime, dispatch: Any) -> list[str]:
     """Start every request pending for longer than the grace period (its event was lost)."""
     book = RequestBook(open_store(runtime.store))
     started = []
@@ -183,7 +195,9 @@ def _dispatcher(config: Config, runtime: Runtime, profile: str) -> Any:
     common = {"profile": profile, "project": str(runtime.root)}
 
     def dispatch(request: DeletionRequest) -> None:
-        run_deployment(name, parameters={"request_id": request.request_id, "resource_id": request.resource_id, **common}, timeout=0)
+        run_deployment(
+            name, parameters={"request_id": request.request_id, "resource_id": request.resource_id, **common}, timeout=0
+        )
 
     return dispatch
 
@@ -193,11 +207,16 @@ def sweep_deletion_requests(profile: str = "default", project: str | None = None
     """Start requests whose event was lost (the interval deployment of prefect.yaml runs this)."""
     runtime = Runtime.from_env(project)
     config = load_config(runtime.params_path, profile)
-    return sweep_pending(config, runtime, profile, _dispatcher(config, runtime, profile))
+    return sweep_pending(config, runtime, _dispatcher(config, runtime, profile))
 
 
-def serve(profile: str = "default", project: str | None = None, sweep: bool = True) -> None:
-    """Serve the retraining and unlearning deployments until interrupted."""
+def serve(
+    profile: str = "default",
+    project: str | None = None,
+    sweep: bool = True,
+    on_start: Callable[[Config], None] | None = None,
+) -> None:
+    """Serve the retraining and unlearning deployments until interrupted (``on_start`` sees the config)."""
     from prefect import serve as prefect_serve
     from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
     from prefect.schedules import Cron
@@ -207,6 +226,8 @@ def serve(profile: str = "default", project: str | None = None, sweep: bool = Tr
 
     runtime = Runtime.from_env(project)
     config = load_config(runtime.params_path, profile)
+    if on_start is not None:
+        on_start(config)
     ops = config.operations
     names = deployment_names(config)
     ensure_model_write_limit(ops.model_write_limit)
@@ -237,12 +258,13 @@ def serve(profile: str = "default", project: str | None = None, sweep: bool = Tr
     _report_tainted_champion(config, runtime)
     dispatch = _dispatcher(config, runtime, profile)
     if sweep:
+
         def sweeper() -> None:
             while True:
                 try:
-                    for request_id in sweep_pending(config, runtime, profile, dispatch):
+                    for request_id in sweep_pending(config, runtime, dispatch):
                         print(f"sweep: started pending request {request_id} (its event was lost)", flush=True)
-                except Exception as exc:  # noqa: BLE001 - keep sweeping; the next pass retries
+                except Exception as exc:
                     print(f"sweep failed: {type(exc).__name__}: {exc}", flush=True)
                 time.sleep(ops.sweep_interval_s)
 
@@ -253,7 +275,7 @@ def serve(profile: str = "default", project: str | None = None, sweep: bool = Tr
 
 def _report_tainted_champion(config: Config, runtime: Runtime) -> None:
     """At start: say loudly if champion still holds a forgotten client (retraining will refuse it)."""
-    from components.unlearning import forgotten_in
+    from components.unlearning.guard import forgotten_in
 
     try:
         champion = Tracker(runtime, config.registry).alias()
@@ -261,7 +283,7 @@ def _report_tainted_champion(config: Config, runtime: Runtime) -> None:
             return
         store = open_store(runtime.store)
         tainted = forgotten_in(UpdateHistory(store), store, manifest_ref_from_tags(champion.tags))
-    except Exception as exc:  # noqa: BLE001 - serving must start; the flows check again
+    except Exception as exc:
         print(f"could not check {config.registry.champion_alias}'s lineage: {type(exc).__name__}: {exc}", flush=True)
         return
     if tainted:
@@ -295,4 +317,3 @@ def _shared_api() -> Iterator[None]:
             yield
     finally:
         server.stop()
-

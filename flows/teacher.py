@@ -16,9 +16,12 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from safetensors.torch import load_file, save
 
-from components.config import Config, Runtime, load_config
-from components.data import FEDERATION_DIR, SERVER_DIR, FederationData, dvc_dir_hash, read_split
-from components.teacher import FeatureCache, build_backbone, fit_teacher, teacher_logits
+from components.config.runtime import Runtime
+from components.config.sections import Config, load_config
+from components.data.layout import FEDERATION_DIR, SERVER_DIR, FederationData, dvc_dir_hash, read_split
+from components.lineage.tags import teacher_run_tags
+from components.models.clip_backbone import build_backbone
+from components.models.clip_teacher import FeatureCache, fit_teacher, teacher_logits
 from flows.tracking import Tracker
 
 TEACHER_ARTIFACT = "teacher/head.safetensors"
@@ -55,7 +58,7 @@ def teacher_task(
     logits = teacher_logits(fitted, backbone, few_shot, cache)
     run_id = tracker.start_run(
         f"teacher-{spec.preset}-{key[:8]}",
-        tags={"kind": "teacher", "teacher_key": key, "preset": spec.preset, "data_version": data_version},
+        tags=teacher_run_tags(key=key, preset=spec.preset, data_version=data_version),
     )
     tracker.log_params(run_id, {f"teacher.{k}": v for k, v in asdict(spec).items()})
     tracker.log_metrics(run_id, fitted.metrics, step=0)

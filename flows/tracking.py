@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
-from components.config import RegistryConfig, Runtime
-from components.models import ModelSpec, build_model
+from components.config.runtime import Runtime
+from components.config.sections import RegistryConfig
+from components.models.students import ModelSpec, build_model
 
 # What a registered model needs to be loaded elsewhere (no requirement inference:
 # it costs seconds per call, see ENVIRONMENT.md).
@@ -193,22 +194,40 @@ class Tracker:
                     raise
 
     def set_alias(self, version: str, alias: str | None = None) -> None:
-        self.client.set_registered_model_alias(
-            self.registry.model_name, alias or self.registry.champion_alias, version
-        )
+        self.client.set_registered_model_alias(self.registry.model_name, alias or self.registry.champion_alias, version)
 
-    def version(self, version: str | int) -> VersionInfo:
-        mv = self.client.get_model_version(self.registry.model_name, str(version))
+    def version(self, version: str | int) -> VersionInfo | None:
+        """A registered version, or ``None`` if the model or the version does not exist."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            mv = self.client.get_model_version(self.registry.model_name, str(version))
+        except MlflowException:
+            return None
         return VersionInfo(mv.name, str(mv.version), dict(mv.tags), mv.run_id, mv.source)
+
+    def model_names(self) -> list[str]:
+        """Every registered model in this tracking store."""
+        return sorted(m.name for m in self.client.search_registered_models())
+
+    def missing(self, what: str, profiles: Mapping[str, str]) -> str:
+        """An error message for a version or alias that does not exist, naming what does.
+
+        ``profiles`` maps each registered model name to the params profile that uses it.
+        """
+        names = self.model_names()
+        here = ", ".join(f"{n} (--profile {profiles[n]})" if n in profiles else n for n in names) or "none yet"
+        return (
+            f"{self.registry.model_name} has no {what}. Registered models here: {here}; "
+            f"run `fedforget federate` first, or pick the profile that registered the model you mean"
+        )
 
     def alias(self, alias: str | None = None) -> VersionInfo | None:
         """The version an alias points at, or ``None`` if the alias (or model) is unset."""
         from mlflow.exceptions import MlflowException
 
         try:
-            mv = self.client.get_model_version_by_alias(
-                self.registry.model_name, alias or self.registry.champion_alias
-            )
+            mv = self.client.get_model_version_by_alias(self.registry.model_name, alias or self.registry.champion_alias)
         except MlflowException:
             return None
         return VersionInfo(mv.name, str(mv.version), dict(mv.tags), mv.run_id, mv.source)

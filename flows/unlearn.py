@@ -17,40 +17,43 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import torch
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run as current_flow_run
 
-from components.config import Config, Runtime, VerificationConfig, load_config
-from components.data import FEDERATION_DIR, SERVER_DIR, FederationData, dvc_dir_hash, read_split
-from components.distillation import distill, teacher_logits_for
-from components.evaluation import attack_success_rate, class_matched_sample, membership_inference, model_from_state
-from components.federation import manifest_ref_from_tags
-from components.history import Manifest, UnlearningManifest, UpdateHistory, validate_id
-from components.models import ModelSpec, build_model
-from components.state import StateDict
-from components.training import evaluate
-from components.store import ObjectRef, open_store
-from components.unlearning import (
-    ForgetResult,
-    UnlearningError,
-    check_clean,
+from components.config.runtime import Runtime
+from components.config.sections import Config, VerificationConfig, load_config, registered_model_profiles
+from components.core.ids import validate_id
+from components.core.refs import ObjectRef
+from components.core.state import StateDict
+from components.data.datasets import Split
+from components.data.layout import FEDERATION_DIR, SERVER_DIR, FederationData, dvc_dir_hash, read_split
+from components.federation.protocol import ForgetResult, UnlearningError
+from components.learning.distill import distill, teacher_logits_for
+from components.lineage.history import UpdateHistory
+from components.lineage.manifests import Manifest, UnlearningManifest
+from components.lineage.store import open_store
+from components.lineage.tags import (
+    CONTAINS_TAG,
+    manifest_ref_from_tags,
+    unlearned_version_tags,
+    unlearning_run_tags,
+)
+from components.models.students import ModelSpec, build_model
+from components.unlearning.forget import forget_client, new_request_id
+from components.unlearning.guard import check_clean
+from components.unlearning.tombstones import (
     delete_objects,
-    forget_client,
     list_client_objects,
-    new_request_id,
     read_tombstone,
     validate_client_id,
     write_tombstone,
 )
+from components.unlearning.verify import deletion_checks, model_from_state
 from flows.locks import model_write_lock
 from flows.teacher import teacher_task
 from flows.tracking import Tracker, VersionInfo
-
-CONTAINS_TAG = "contains_forgotten_clients"
-
 
 # --------------------------------------------------------------------------- tasks
 
@@ -64,49 +67,30 @@ def forget_task(
 
 @task(name="distill", cache_policy=NO_CACHE)
 def distill_task(
-    spec: ModelSpec, state: StateDict, server_dir: str, logits: torch.Tensor, config: Config
+    spec: ModelSpec, state: StateDict, few_shot: Split, logits: torch.Tensor, config: Config
 ) -> tuple[StateDict, dict[str, float]]:
     student = build_model(spec)
     student.load_state_dict(state)
-    few_shot = read_split(f"{server_dir}/few_shot.safetensors")
     generator = torch.Generator().manual_seed(config.unlearn.seed)
     metrics = distill(student, few_shot, logits, config.distill.settings(), generator)
     return {k: v.detach().clone() for k, v in student.state_dict().items()}, metrics
 
 
 @task(name="global-model-teacher", cache_policy=NO_CACHE)
-def global_teacher_task(spec: ModelSpec, state: StateDict, server_dir: str) -> torch.Tensor:
+def global_teacher_task(spec: ModelSpec, state: StateDict, few_shot: Split) -> torch.Tensor:
     """The pre-deletion model as the (frozen) teacher: its logits on the few-shot set."""
     teacher = build_model(spec)
     teacher.load_state_dict(state)
     for p in teacher.parameters():
         p.requires_grad_(False)
-    return teacher_logits_for(teacher, read_split(f"{server_dir}/few_shot.safetensors").inputs())
+    return teacher_logits_for(teacher, few_shot.inputs())
 
 
 @task(name="verify", cache_policy=NO_CACHE)
 def evaluate_task(
-    spec: ModelSpec, state: StateDict, test_path: str, client_path: str | None, verification: VerificationConfig
+    spec: ModelSpec, state: StateDict, test: Split, client: Split | None, verification: VerificationConfig
 ) -> dict[str, float]:
-    """The checks a deletion reports without retraining: accuracy, the client's data, markers.
-
-    With a backdoor marker configured, the attack success rate on triggered
-    test images; with the client's data at hand, a membership-inference attack
-    on it (vs class-matched held-out examples).
-    """
-    model = model_from_state(spec, state)
-    test = read_split(test_path)
-    out = {"test_accuracy": evaluate(model, test)["accuracy"]}
-    if verification.backdoor_target_class is not None:
-        out["backdoor_asr"] = attack_success_rate(model, test, verification.backdoor_target_class, verification.trigger_size)
-    if client_path is not None:
-        client = read_split(client_path)
-        out["forgotten_client_accuracy"] = evaluate(model, client)["accuracy"]
-        rng = np.random.default_rng(0)  # the same members and non-members before and after
-        members = client.subset(rng.permutation(len(client))[: verification.mia_examples])
-        mia = membership_inference(model, members, class_matched_sample(test, members.labels, len(members), rng))
-        out |= {"forgotten_client_mia_auc": mia["mia_auc"], "forgotten_client_mia_advantage": mia["mia_advantage"]}
-    return out
+    return deletion_checks(model_from_state(spec, state), test, client, **verification.model_dump())
 
 
 @task(name="archive-deletion", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=2)
@@ -116,7 +100,12 @@ def archive_task(store_url: str, **kwargs: Any) -> tuple[ObjectRef, UnlearningMa
 
 @task(name="register-unlearned", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
 def register_task(
-    tracker: Tracker, run_id: str, spec: ModelSpec, state: StateDict, input_shape: tuple[int, ...], tags: Mapping[str, str]
+    tracker: Tracker,
+    run_id: str,
+    spec: ModelSpec,
+    state: StateDict,
+    input_shape: tuple[int, ...],
+    tags: Mapping[str, str],
 ) -> VersionInfo:
     version = tracker.register_model(run_id, spec, state, input_shape, f"unlearned-{tags['request_id']}", tags)
     tracker.set_alias(version.version)
@@ -213,7 +202,7 @@ def unlearn(
     request_id = validate_id(request_id, "request id") if request_id else new_request_id()
     runtime = Runtime.from_env(project)
     config = load_config(runtime.params_path, profile, dict(overrides or {}))
-    with model_write_lock(config):  # after any retraining in progress, on the model it produced
+    with model_write_lock(config, runtime):  # after any retraining in progress, on the model it produced
         return _unlearn(runtime, config, client_id, version, request_id, profile, reason)
 
 
@@ -241,14 +230,11 @@ def _unlearn(
         extra = _finalise(tracker, store_url, done[-1], client_id, reason)
         return {"status": "completed", "client_id": client_id, "version": done[-1].version,
                 "request_id": done[-1].tags["request_id"], **extra}  # fmt: skip
-    if version:
-        source = next((v for v in tracker.versions() if v.version == str(version)), None)
-        if source is None:
-            raise UnlearningError(f"{config.registry.model_name} has no version {version}; nothing changed")
-    else:
-        source = tracker.alias()
+    source = tracker.version(version) if version else tracker.alias()
     if source is None:
-        raise UnlearningError("no model version to unlearn from: run `fedforget federate` first")
+        what = f"version {version}" if version else f"alias {config.registry.champion_alias!r}"
+        hint = tracker.missing(what, registered_model_profiles(runtime.params_path))
+        raise UnlearningError(f"nothing to unlearn from: {hint}; nothing changed")
     source_ref = manifest_ref_from_tags(source.tags)
     source_manifest = history.read_manifest(source_ref)
     champion = tracker.alias() if version else source
@@ -265,15 +251,16 @@ def _unlearn(
 
     data = FederationData(runtime.data_dir(profile) / FEDERATION_DIR)
     server_dir = runtime.data_dir(profile) / SERVER_DIR
-    test_path = str(data.root / "test.safetensors")
-    client_path = str(data.client_path(client_id)) if client_id in data.meta["clients"] else None
+    # Read once: three evaluations, a teacher and the distillation share them.
+    test = data.test()
+    client = data.client(client_id) if client_id in data.meta["clients"] else None
+    source_state = history.read_state(source_manifest.global_state)
     spec = source_manifest.model
     input_shape = (1, *data.meta["image_shape"])
-    run_id = tracker.start_run(request_id, tags={
-        "kind": "unlearning", "request_id": request_id, "forgotten_client": client_id,
-        "source_version": source.version, "forgetting_variant": config.unlearn.variant,
-        "teacher": config.unlearn.teacher, "prefect_flow_run_id": str(current_flow_run.id),
-    })  # fmt: skip
+    run_id = tracker.start_run(request_id, tags=unlearning_run_tags(
+        request_id=request_id, client_id=client_id, source_version=source.version, variant=config.unlearn.variant,
+        teacher=config.unlearn.teacher, flow_run_id=str(current_flow_run.id),
+    ))  # fmt: skip
     try:
         # 2. Forget.
         result = forget_task(store_url, source_ref, source_manifest, client_id, config.unlearn.variant)
@@ -284,13 +271,14 @@ def _unlearn(
         final_state = result.state
         if config.unlearn.teacher != "none":
             server_version = dvc_dir_hash(server_dir)
+            few_shot = read_split(server_dir / "few_shot.safetensors")
             if config.unlearn.teacher == "clip":
                 teacher_run_id, teacher_metrics, logits = teacher_task(tracker, config, runtime, server_version)
                 distill_metrics.update({f"teacher_{k}": v for k, v in teacher_metrics.items()})
             else:
-                logits = global_teacher_task(spec, history.read_state(source_manifest.global_state), str(server_dir))
+                logits = global_teacher_task(spec, source_state, few_shot)
             teacher_done = time.perf_counter()
-            final_state, metrics = distill_task(spec, result.state, str(server_dir), logits, config)
+            final_state, metrics = distill_task(spec, result.state, few_shot, logits, config)
             distill_metrics.update(metrics)
         else:
             teacher_done = time.perf_counter()
@@ -298,12 +286,11 @@ def _unlearn(
 
         # 5. Evaluate before / after forgetting / after recovery.
         checks = config.verification
-        before = evaluate_task(spec, history.read_state(source_manifest.global_state), test_path, client_path, checks)
-        after_forget = evaluate_task(spec, result.state, test_path, client_path, checks)
+        before = evaluate_task(spec, source_state, test, client, checks)
+        after_forget = evaluate_task(spec, result.state, test, client, checks)
         after = (
-            evaluate_task(spec, final_state, test_path, client_path, checks)
-            if final_state is not result.state else after_forget
-        )  # fmt: skip
+            evaluate_task(spec, final_state, test, client, checks) if final_state is not result.state else after_forget
+        )
         evaluated = time.perf_counter()
         metrics = {f"{k}_before": v for k, v in before.items()}
         metrics |= {f"{k}_forgotten": v for k, v in after_forget.items()}
@@ -326,23 +313,12 @@ def _unlearn(
         archived = time.perf_counter()
 
         # 7. Register the unlearned version and move champion.
-        tags = {
-            "kind": "unlearned",
-            "forgotten_client": client_id,
-            "request_id": request_id,
-            "source_version": source.version,
-            "forgetting_variant": config.unlearn.variant,
-            "teacher": config.unlearn.teacher,
-            "teacher_run_id": teacher_run_id,
-            "data_version": server_version,
-            "round": str(source_manifest.server_round),
-            "federation_id": source.tags.get("federation_id", "none"),
-            "manifest_key": manifest_ref.key,
-            "manifest_sha256": manifest_ref.sha256,
-            "parent_version": source.version,
-            "test_accuracy": f"{after['test_accuracy']:.6f}",
-        }
-        tags |= {k: f"{v:.6f}" for k, v in metrics.items()}
+        tags = unlearned_version_tags(
+            client_id=client_id, request_id=request_id, source_version=source.version,
+            source_federation_id=source.tags.get("federation_id", "none"), variant=config.unlearn.variant,
+            teacher=config.unlearn.teacher, teacher_run_id=teacher_run_id, data_version=server_version,
+            server_round=source_manifest.server_round, manifest=manifest_ref, metrics=metrics,
+        )  # fmt: skip
         registered_version = register_task(tracker, run_id, spec, final_state, input_shape, tags)
         registered = time.perf_counter()
 
@@ -360,7 +336,9 @@ def _unlearn(
             "finalise_s": finished - registered,
             "total_s": finished - started,
         }
-        tracker.log_metrics(run_id, {**metrics, **distill_metrics, **timings, "objects_read": result.objects_read}, step=0)
+        tracker.log_metrics(
+            run_id, {**metrics, **distill_metrics, **timings, "objects_read": result.objects_read}, step=0
+        )
         tracker.log_dict(run_id, {"client_id": client_id, "request_id": request_id, "source_version": source.version,
                                   "version": registered_version.version, "before": before,
                                   "after_subtraction": after_forget, "after_recovery": after}, "verification.json")  # fmt: skip

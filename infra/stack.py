@@ -24,6 +24,7 @@ filer and admin ports are this and the next three, each with a gRPC port
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -193,7 +194,16 @@ def service_command(name: str, directory: Path, state: dict[str, Any]) -> tuple[
     if name == "prefect":
         home = directory / "data" / "prefect"
         home.mkdir(parents=True, exist_ok=True)
-        cmd = [str(BIN / "prefect"), "server", "start", "--host", HOST, "--port", str(ports["prefect"]), "--analytics-off"]
+        cmd = [
+            str(BIN / "prefect"),
+            "server",
+            "start",
+            "--host",
+            HOST,
+            "--port",
+            str(ports["prefect"]),
+            "--analytics-off",
+        ]
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")},
             "PREFECT_HOME": str(home),
@@ -206,7 +216,7 @@ def service_command(name: str, directory: Path, state: dict[str, Any]) -> tuple[
 
 def _http_ok(url: str, accept: Callable[[int, bytes], bool]) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - loopback only
+        with urllib.request.urlopen(url, timeout=2) as response:
             return accept(response.status, response.read())
     except urllib.error.HTTPError as exc:
         return accept(exc.code, b"")
@@ -223,7 +233,9 @@ def healthy(name: str, directory: Path, state: dict[str, Any]) -> bool:
     if name == "mlflow":
         return _http_ok(f"http://{HOST}:{ports['mlflow']}/health", lambda code, body: code == 200 and b"OK" in body)
     if name == "prefect":
-        return _http_ok(f"http://{HOST}:{ports['prefect']}/api/health", lambda code, body: code == 200 and b"true" in body)
+        return _http_ok(
+            f"http://{HOST}:{ports['prefect']}/api/health", lambda code, body: code == 200 and b"true" in body
+        )
     raise StackError(f"unknown service {name!r}")
 
 
@@ -309,7 +321,10 @@ def _ports_of(name: str, state: dict[str, Any]) -> list[tuple[str, int]]:
     ports = state["ports"]
     if name == "seaweedfs":
         b = ports["seaweed"]
-        own = [("S3, FEDFORGET_STACK_S3_PORT", ports["s3"]), ("S3 gRPC, FEDFORGET_STACK_S3_PORT + 10000", ports["s3"] + 10000)]
+        own = [
+            ("S3, FEDFORGET_STACK_S3_PORT", ports["s3"]),
+            ("S3 gRPC, FEDFORGET_STACK_S3_PORT + 10000", ports["s3"] + 10000),
+        ]
         internal = [b, b + 1, b + 2, b + 3, b + 10000, b + 10001, b + 10002, b + 10003]
         return own + [("SeaweedFS internal, from FEDFORGET_STACK_SEAWEED_PORT", p) for p in internal]
     return [(PORT_ENV[name], ports[name])]
@@ -331,7 +346,9 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str, alive: Call
 def start(name: str, directory: Path, state: dict[str, Any], timeout: float = 120.0) -> str:
     pid = running_pid(directory, name)
     if pid is not None:
-        wait_until(lambda: healthy(name, directory, state), timeout, name, lambda: running_pid(directory, name) is not None)
+        wait_until(
+            lambda: healthy(name, directory, state), timeout, name, lambda: running_pid(directory, name) is not None
+        )
         return f"{name}: already running (pid {pid})"
     busy = [f"{port} ({var})" for var, port in _ports_of(name, state) if not _port_free(port)]
     if busy:
@@ -339,8 +356,10 @@ def start(name: str, directory: Path, state: dict[str, Any], timeout: float = 12
     cmd, env = service_command(name, directory, state)
     (directory / "logs").mkdir(parents=True, exist_ok=True)
     (directory / "pids").mkdir(parents=True, exist_ok=True)
-    log = open(directory / "logs" / f"{name}.log", "ab")
-    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=directory, start_new_session=True)
+    log = open(directory / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - the server writes it after we return
+    process = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=directory, start_new_session=True
+    )
     pid_file(directory, name).write_text(f"{process.pid}\n")
     started = time.monotonic()
     wait_until(lambda: healthy(name, directory, state), timeout, name, lambda: process.poll() is None)
@@ -351,10 +370,8 @@ def stop(name: str, directory: Path, timeout: float = 30.0) -> str:
     pid = running_pid(directory, name)
     if pid is None:
         return f"{name}: not running"
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGTERM)  # the service and its workers (it leads its own session)
-    except ProcessLookupError:
-        pass
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and _alive(pid):
         time.sleep(0.2)
@@ -418,7 +435,11 @@ def status(names: list[str]) -> int:
         pid = running_pid(directory, name)
         ok = pid is not None and healthy(name, directory, state)
         all_ok &= ok
-        where = {"seaweedfs": state["ports"]["s3"], "mlflow": state["ports"]["mlflow"], "prefect": state["ports"]["prefect"]}[name]
+        where = {
+            "seaweedfs": state["ports"]["s3"],
+            "mlflow": state["ports"]["mlflow"],
+            "prefect": state["ports"]["prefect"],
+        }[name]
         state_text = "healthy" if ok else ("running, not healthy" if pid else "stopped")
         print(f"{name:10} {state_text:22} pid {pid or '-':<8} http://{HOST}:{where}")
     return 0 if all_ok else 3

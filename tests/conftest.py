@@ -16,8 +16,8 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-from tests.servers import SeaweedFS  # noqa: E402
-from tests.stack_fixture import Stack  # noqa: E402
+from tests.servers import SeaweedFS
+from tests.stack_fixture import Stack
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,8 +42,9 @@ TINY_PARAMS: dict[str, Any] = {
 
 def write_project(root: Path, params: dict[str, Any], profile: str = "default") -> Path:
     """A project folder with params.yaml and prepared data (no DVC)."""
-    from components.config import Runtime, load_config
-    from components.prepare import check, prepare
+    from components.config.runtime import Runtime
+    from components.config.sections import load_config
+    from components.data.prepare import check, prepare
 
     root.mkdir(parents=True, exist_ok=True)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

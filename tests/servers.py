@@ -39,7 +39,9 @@ def _infra_stack() -> Any:
     """infra/stack.py as a module (infra/ is scripts, not a package)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("fedforget_infra_stack", Path(__file__).resolve().parents[1] / "infra" / "stack.py")
+    spec = importlib.util.spec_from_file_location(
+        "fedforget_infra_stack", Path(__file__).resolve().parents[1] / "infra" / "stack.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -94,7 +96,7 @@ class SeaweedFS:
             f"-s3.localSocket={self.root / 's3.sock'}", f"-filer.localSocket={self.root / 'filer.sock'}",
         ]  # fmt: skip
         env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
-        log = open(self.root / "weed.out", "ab")
+        log = open(self.root / "weed.out", "ab")  # noqa: SIM115 - the server writes it after we return
         self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.root)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -119,10 +121,10 @@ class SeaweedFS:
         )  # fmt: skip
         try:
             client.head_bucket(Bucket="health")
-        except Exception:  # noqa: BLE001 - absent, or the server is not up yet
+        except Exception:
             try:
                 client.create_bucket(Bucket="health")
-            except Exception:  # noqa: BLE001
+            except Exception:
                 return False
         return store_round_trip(client, "health")
 

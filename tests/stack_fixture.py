@@ -25,7 +25,9 @@ class Stack:
         s3, mlflow, prefect = free_ports(3)
         while True:  # four consecutive internal ports (and their gRPC twins) for SeaweedFS
             (base,) = free_ports(1)
-            if base + 10003 <= 65535 and all(_free(p) for p in (base + 1, base + 2, base + 3, base + 10001, base + 10002, base + 10003)):
+            if base + 10003 <= 65535 and all(
+                _free(p) for p in (base + 1, base + 2, base + 3, base + 10001, base + 10002, base + 10003)
+            ):
                 break
         settings = {
             "FEDFORGET_STACK_DIR": str(directory),

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from components.aggregation import ClientResult, FedAvg, build_strategy
-from components.state import add, subtract
+from components.core.records import ClientResult
+from components.core.state import add, subtract
+from components.federation.weights.strategy import FedAvg, build_strategy
 
 
 def state(seed: int) -> dict[str, torch.Tensor]:
@@ -24,7 +25,8 @@ def test_fedavg_of_identical_states_returns_that_state():
     g, local = state(0), state(1)
     results = [result(f"c{i}", n, g, local) for i, n in enumerate([5, 50, 500])]
     # Execute
-    new, _ = FedAvg().aggregate_fit(1, g, results)
+    applied = FedAvg().aggregate_fit(1, g, results)
+    new, _ = applied.state, applied.updates
     # Assert
     torch.testing.assert_close(new["w"], local["w"])
     torch.testing.assert_close(new["b"], local["b"])
@@ -37,7 +39,8 @@ def test_fedavg_weights_by_num_examples():
     sizes = [100, 300, 600]
     results = [result(f"c{i}", n, g, s) for i, (n, s) in enumerate(zip(sizes, locals_))]
     # Execute
-    new, updates = FedAvg().aggregate_fit(1, g, results)
+    applied = FedAvg().aggregate_fit(1, g, results)
+    new, updates = applied.state, applied.updates
     # Assert: the new model is the example-weighted average of the local models
     expected = np.average(np.stack([s["w"].numpy() for s in locals_]), axis=0, weights=sizes)
     np.testing.assert_allclose(new["w"].numpy(), expected, rtol=1e-5, atol=1e-6)

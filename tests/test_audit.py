@@ -8,13 +8,14 @@ import jsonschema
 import pytest
 from typer.testing import CliRunner
 
-from components.audit import audit
-from components.audit_render import report_schema
-from components.config import Runtime, load_config
-from components.federation import manifest_ref_from_tags
-from components.history import UpdateHistory
-from components.store import LocalStore, open_store
+from components.audit.audit import audit
+from components.config.runtime import Runtime
+from components.config.sections import load_config
+from components.lineage.history import UpdateHistory
+from components.lineage.store import LocalStore, open_store
+from components.lineage.tags import manifest_ref_from_tags
 from flows.cli import app
+from flows.reports.audit import report_schema
 from tests.test_unlearning import SCHEDULE, federate, unlearn
 
 runner = CliRunner()
@@ -34,10 +35,14 @@ def test_presence_follows_rounds_and_deletions(tmp_path):
     assert report.client_present is False and report.present_clients == ["B", "C"]
     assert [n.kind for n in report.nodes] == ["round", "unlearning", "round", "round", "round", "round"]
     assert report.deletions[0]["client_id"] == "A" and report.findings == []
-    before = audit(store, "4", {"kind": "global", "manifest_key": refs[-1].key, "manifest_sha256": refs[-1].sha256}, index, client="A")
+    before = audit(
+        store,
+        "4",
+        {"kind": "global", "manifest_key": refs[-1].key, "manifest_sha256": refs[-1].sha256},
+        index,
+        client="A",
+    )
     assert before.client_present is True and before.exit_code() == 1
-
-
 
 
 @pytest.mark.integration
@@ -105,7 +110,9 @@ def test_audit_after_federate_and_unlearn(tiny_project, tmp_path):
     kinds = {f["kind"] for f in json.loads(broken.stdout[broken.stdout.index("{") :])["findings"]}
     assert "manifest_unreadable" in kinds
     missing = runner.invoke(app, ["audit", "--json"])
-    assert {"object_missing", "object_mismatch"} <= {f["kind"] for f in json.loads(missing.stdout[missing.stdout.index("{") :])["findings"]}
+    assert {"object_missing", "object_mismatch"} <= {
+        f["kind"] for f in json.loads(missing.stdout[missing.stdout.index("{") :])["findings"]
+    }
     assert runner.invoke(app, ["audit", "--version", "99"]).exit_code == 2
 
 

@@ -80,10 +80,7 @@ def test_prepare_through_dvc_reproduces_the_committed_data_version(tmp_path, mon
     # Prepare
     root = dvc_copy(tmp_path)
     lock_before = (root / "dvc.lock").read_text()
-    recorded = {
-        out["path"]: out["md5"]
-        for out in yaml.safe_load(lock_before)["stages"]["prepare_quick"]["outs"]
-    }
+    recorded = {out["path"]: out["md5"] for out in yaml.safe_load(lock_before)["stages"]["prepare_quick"]["outs"]}
     monkeypatch.chdir(root)
     monkeypatch.delenv("FEDFORGET_PROJECT", raising=False)
     # Execute
@@ -102,7 +99,7 @@ def test_prepare_through_dvc_reproduces_the_committed_data_version(tmp_path, mon
         [sys.executable, "-m", "dvc", "pull", "prepare_quick"], cwd=root, capture_output=True, text=True
     )
     assert pulled.returncode == 0, pulled.stderr
-    from components.data import dvc_dir_hash
+    from components.data.layout import dvc_dir_hash
 
     assert dvc_dir_hash(root / "data" / "quick" / "federation") == recorded["data/quick/federation"]
     assert dvc_dir_hash(root / "data" / "quick" / "server") == recorded["data/quick/server"]

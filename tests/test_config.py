@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from components.config import ConfigError, build_config, load_config, parse_override
+from components.config.sections import ConfigError, build_config, load_config, parse_override
 from tests.conftest import REPO
 
 RAW = {
@@ -39,7 +39,7 @@ def test_override_parsing():
     assert parse_override("train.lr=0.01") == ("train.lr", 0.01)
     assert parse_override("data.max_train_examples=null") == ("data.max_train_examples", None)
     assert parse_override("model.args={channels: [4, 8]}") == ("model.args", {"channels": [4, 8]})
-    with pytest.raises(ConfigError, match="section.key=value"):
+    with pytest.raises(ConfigError, match=r"section\.key=value"):
         parse_override("rounds=3")
 
 

@@ -9,21 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from components.data import (
-    DIGIT_CLASSES,
-    DataError,
-    FederationData,
-    PrepareSettings,
-    RawDataset,
-    Split,
-    dirichlet_partition,
-    dvc_dir_hash,
-    few_shot_indices,
-    label_skew,
-    load_raw,
-    prepare_data,
-    read_split,
-)
+from components.data.datasets import DIGIT_CLASSES, DataError, RawDataset, Split, load_raw
+from components.data.layout import FederationData, PrepareSettings, dvc_dir_hash, prepare_data, read_split
+from components.data.partition import dirichlet_partition, few_shot_indices, label_skew
 
 LABELS = np.repeat(np.arange(10), 200)  # 2000 examples, 200 per class
 

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import pytest
 
-from components.config import Runtime, load_config
-from components.federation import manifest_ref_from_tags
-from components.history import UpdateHistory
-from components.store import open_store
-from components.unlearning import TaintedLineageError, present_clients
+from components.config.runtime import Runtime
+from components.config.sections import load_config
+from components.lineage.history import UpdateHistory
+from components.lineage.store import open_store
+from components.lineage.tags import manifest_ref_from_tags
+from components.unlearning.guard import TaintedLineageError, present_clients
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
 

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from components.data import Split
-from components.distillation import DistillSettings, distill, kd_loss, teacher_logits_for
-from components.models import ModelSpec, init_model
+from components.data.datasets import Split
+from components.learning.distill import DistillSettings, distill, kd_loss, teacher_logits_for
+from components.models.students import ModelSpec, init_model
 
 
 def test_kd_loss_equals_a_hand_computation():
@@ -20,6 +20,7 @@ def test_kd_loss_equals_a_hand_computation():
     T, beta = 2.0, 0.3
     # Execute
     loss = float(kd_loss(s, t, y, T, beta))
+
     # Assert
     def softmax(v):
         e = [math.exp(x) for x in v]
@@ -38,7 +39,9 @@ def test_distillation_moves_the_student_towards_the_teacher():
     # Prepare: a random teacher and a differently initialised student on random images
     spec = ModelSpec("cnn", {"num_classes": 4, "image_size": 8, "channels": [4, 8], "hidden": 16})
     g = torch.Generator().manual_seed(0)
-    data = Split(torch.randint(0, 256, (64, 8, 8), dtype=torch.uint8, generator=g), torch.randint(0, 4, (64,), generator=g))
+    data = Split(
+        torch.randint(0, 256, (64, 8, 8), dtype=torch.uint8, generator=g), torch.randint(0, 4, (64,), generator=g)
+    )
     teacher, student = init_model(spec, seed=1), init_model(spec, seed=2)
     teacher.train()
     target = teacher_logits_for(teacher, data.inputs())

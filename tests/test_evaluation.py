@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from components.data import Split
-from components.evaluation import (
+from components.data.datasets import Split
+from components.evaluation.unlearning import mean_std
+from components.unlearning.verify import (
     apply_trigger,
     attack_success_rate,
     class_matched_sample,
-    mean_std,
     membership_inference,
     poison,
 )
@@ -117,7 +117,15 @@ def test_quick_evaluation_produces_the_table_plots_and_finite_numbers(tmp_path, 
     summary = json.loads(result.stdout[result.stdout.index("{") :])
     assert summary["all_finite"] is True
     table = (out / "results.md").read_text()
-    for label in ("Original", "Retrain", "Subtract only", "KD (global model)", "KD (CLIP-Adapter)", "backdoor ASR", "MIA AUC"):
+    for label in (
+        "Original",
+        "Retrain",
+        "Subtract only",
+        "KD (global model)",
+        "KD (CLIP-Adapter)",
+        "backdoor ASR",
+        "MIA AUC",
+    ):
         assert label in table
     raw = json.loads((out / "results.json").read_text())
     assert len(raw["seeds"]) == 2 and set(raw["summary"]) == {"original", "retrain", "subtract", "kd-global", "kd-clip"}

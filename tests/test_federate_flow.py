@@ -5,11 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from components.config import Runtime, load_config
-from components.federation import GLOBAL_TAG_KEYS, NonFiniteUpdateError, manifest_ref_from_tags
-from components.history import UpdateHistory, verify_manifest
-from components.state import add, max_abs_difference
-from components.store import open_store
+from components.config.runtime import Runtime
+from components.config.sections import load_config
+from components.core.state import add, max_abs_difference
+from components.federation.client import NonFiniteUpdateError
+from components.lineage.history import UpdateHistory, verify_manifest
+from components.lineage.store import open_store
+from components.lineage.tags import GLOBAL_TAG_KEYS, manifest_ref_from_tags
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
 

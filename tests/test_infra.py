@@ -60,7 +60,9 @@ def test_the_image_installs_the_project():
 
 def stack_sh(*args: str, tmp_path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "FEDFORGET_STACK_DIR": str(tmp_path / "stack"), "FEDFORGET_STACK_ENV": str(tmp_path / "env")}
-    return subprocess.run([str(REPO / "infra" / "stack.sh"), *args], env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [str(REPO / "infra" / "stack.sh"), *args], env=env, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_stack_script_reports_a_stopped_stack_and_refuses_bad_input(tmp_path):
@@ -77,8 +79,8 @@ def test_prefect_yaml_declares_the_served_deployments():
 
     from prefect import Flow
 
-    from components.config import load_config
-    from components.requests import EVENT_NAME, RESOURCE_PREFIX
+    from components.config.sections import load_config
+    from components.unlearning.requests import EVENT_NAME, RESOURCE_PREFIX
 
     doc = yaml.safe_load((REPO / "prefect.yaml").read_text())
     deployments = {d["name"]: d for d in doc["deployments"]}

@@ -22,11 +22,12 @@ from typing import Any
 
 import pytest
 
-from components.config import Runtime, load_config
-from components.federation import manifest_ref_from_tags
-from components.history import UpdateHistory
-from components.requests import RequestBook
-from components.store import open_store
+from components.config.runtime import Runtime
+from components.config.sections import load_config
+from components.lineage.history import UpdateHistory
+from components.lineage.store import open_store
+from components.lineage.tags import manifest_ref_from_tags
+from components.unlearning.requests import RequestBook
 from tests.conftest import TINY_PARAMS, write_project
 
 pytestmark = pytest.mark.integration
@@ -69,7 +70,9 @@ def ops(tmp_path) -> dict[str, Any]:
     return {"root": root, "name": name, "env": env, "tmp": tmp_path}
 
 
-def cli(ops: dict[str, Any], *args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def cli(
+    ops: dict[str, Any], *args: str, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run([FEDFORGET, *args], env=env or ops["env"], capture_output=True, text=True, timeout=timeout)
 
 
@@ -125,7 +128,9 @@ def registry(ops: dict[str, Any], env: dict[str, str] | None = None):
         root=ops["root"], params_path=ops["root"] / "params.yaml", store=env["FEDFORGET_STORE"],
         tracking_uri=env["MLFLOW_TRACKING_URI"],
     )  # fmt: skip
-    return Tracker(runtime, load_config(runtime.params_path).registry), UpdateHistory(open_store(env["FEDFORGET_STORE"]))
+    return Tracker(runtime, load_config(runtime.params_path).registry), UpdateHistory(
+        open_store(env["FEDFORGET_STORE"])
+    )
 
 
 def test_serve_applies_a_requested_deletion_on_the_temporary_server(ops):
@@ -162,8 +167,13 @@ def test_three_requests_at_once_are_applied_one_after_another(stack_ops):
     json_of(cli(ops, "federate", "--rounds", "1", "--json"))
     with serving(ops) as log:
         filers = [
-            subprocess.Popen([FEDFORGET, "request-deletion", "--client", c, "--json"], env=ops["env"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+            subprocess.Popen(
+                [FEDFORGET, "request-deletion", "--client", c, "--json"],
+                env=ops["env"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
             for c in ("client_00", "client_02", "client_04")
         ]
         filed = []
@@ -210,7 +220,7 @@ def test_retraining_deployment_schedule_and_gate(stack_ops):
     ops = stack_ops
     json_of(cli(ops, "federate", "--rounds", "1", "--json"))
     json_of(cli(ops, "unlearn", "--client", "client_02", "--json"))  # tombstoned from now on
-    tracker, history = registry(ops)
+    tracker, _history = registry(ops)
     champion = tracker.alias().version
     api = {"PREFECT_API_URL": ops["env"]["PREFECT_API_URL"]}
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -222,10 +232,15 @@ def test_retraining_deployment_schedule_and_gate(stack_ops):
         assert [s.schedule.cron for s in deployment.schedules] == ["15 3 * * 1"]
         assert deployment.parameters["promote"] == "gate"
         # a manual run the gate rejects: it would have to beat the champion by 100 points
-        rejected = run_deployment(name, parameters={"rounds": 1, "overrides": {"operations.gate_tolerance": -1.0}}, timeout=300)
+        # (its clients train in worker processes: the deployment honours federate.task_runner)
+        overrides = {"operations.gate_tolerance": -1.0, "federate.task_runner": "processes"}
+        rejected = run_deployment(name, parameters={"rounds": 1, "overrides": overrides}, timeout=300)
         assert rejected.state.is_completed(), log.read_text()[-3000:]
+        assert "(processes runner)" in log.read_text()
         # and one it promotes
-        promoted = run_deployment(name, parameters={"rounds": 1, "overrides": {"operations.gate_tolerance": 1.0}}, timeout=300)
+        promoted = run_deployment(
+            name, parameters={"rounds": 1, "overrides": {"operations.gate_tolerance": 1.0}}, timeout=300
+        )
         assert promoted.state.is_completed(), log.read_text()[-3000:]
         # a rollback to the version the deletion started from (it still holds client_02):
         # the scheduled run refuses to train from it, registers nothing and sends an error event
@@ -252,7 +267,9 @@ def tainted_events(resource_id: str, timeout: float = 30) -> list[list[str]]:
     from prefect.client.orchestration import get_client
     from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 
-    query = EventFilter(event=EventNameFilter(name=["fedforget.model.tainted"]), resource=EventResourceFilter(id=[resource_id]))
+    query = EventFilter(
+        event=EventNameFilter(name=["fedforget.model.tainted"]), resource=EventResourceFilter(id=[resource_id])
+    )
     deadline = time.monotonic() + timeout
     while True:  # events are stored asynchronously
         with get_client(sync_client=True) as client:
@@ -264,7 +281,7 @@ def tainted_events(resource_id: str, timeout: float = 30) -> list[list[str]]:
 
 @pytest.mark.usefixtures("prefect_harness")
 def test_bad_requests_and_malformed_events_fail_clearly(ops, monkeypatch):
-    from components.unlearning import UnlearningError
+    from components.federation.protocol import UnlearningError
     from flows.federate import run_federate
     from flows.operations import MalformedRequest, process_deletion_request
 
@@ -282,7 +299,9 @@ def test_bad_requests_and_malformed_events_fail_clearly(ops, monkeypatch):
         process_deletion_request(request_id="del-nope", project=str(ops["root"]))
     request = book_of(ops).file("client_01")
     with pytest.raises(MalformedRequest, match="does not match"):
-        process_deletion_request(request_id=request.request_id, resource_id="fedforget.client.client_04", project=str(ops["root"]))
+        process_deletion_request(
+            request_id=request.request_id, resource_id="fedforget.client.client_04", project=str(ops["root"])
+        )
     failed = book_of(ops).get(request.request_id)
     assert failed.status == "failed" and "does not match" in failed.error
     # a request for a client whose data does not exist any more fails with the reason

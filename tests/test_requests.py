@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from components.requests import RequestBook, RequestError
-from components.store import LocalStore
-from components.unlearning import UnlearningError
+from components.federation.protocol import UnlearningError
+from components.lineage.store import LocalStore
+from components.unlearning.requests import RequestBook, RequestError
 
 
 @pytest.fixture
@@ -51,7 +51,7 @@ def test_transitions_are_checked(book):
 def test_stale_pending_requests_are_found_once_their_grace_is_over(book):
     old = book.file("client_01")
     book.file("client_02")
-    later = datetime.now(timezone.utc) + timedelta(seconds=90)
+    later = datetime.now(UTC) + timedelta(seconds=90)
     assert [r.client_id for r in book.stale_pending(60, now=later)] == ["client_01", "client_02"]
     assert list(book.stale_pending(60)) == []
     book.note_dispatch(old.request_id)
@@ -61,3 +61,28 @@ def test_stale_pending_requests_are_found_once_their_grace_is_over(book):
     much_later = later + timedelta(seconds=120)
     assert "client_01" in [r.client_id for r in book.stale_pending(60, now=much_later)]
     assert [r.client_id for r in book.all()] == ["client_01", "client_02"]  # filing order, even within one second
+
+
+def test_open_requests_are_found_without_reading_the_closed_ones(book, monkeypatch):
+    # Prepare: many closed requests, two open ones
+    for i in range(30):
+        closed = book.file(f"client_{i:02d}")
+        book.move(closed.request_id, "failed", error="gone")
+    running = book.move(book.file("client_40").request_id, "running")
+    pending = book.file("client_41")
+    reads: list[str] = []
+    original = book.store.get
+    monkeypatch.setattr(book.store, "get", lambda key: reads.append(key) or original(key))
+    # Execute
+    found = book.open_requests()
+    # Assert: the two open ones, and only their records were read
+    assert [r.request_id for r in found] == [running.request_id, pending.request_id]
+    assert sorted(reads) == sorted(book.key(r.request_id) for r in found)
+
+
+def test_a_store_from_before_the_open_markers_gets_them_once(book):
+    filed = book.file("client_05")
+    for key in book.store.list(book.OPEN_PREFIX):  # as a store written by an older FedForget
+        book.store.delete(key)
+    assert book.open_for("client_05") == filed
+    assert book.store.exists(book.OPEN_INDEX)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from components import state as S
+from components.core import state as S
 
 
 def make_state(seed: int) -> dict[str, torch.Tensor]:

@@ -7,16 +7,15 @@ import secrets
 
 import pytest
 
-from components.store import (
+from components.core.refs import ObjectRef, sha256_bytes
+from components.lineage.store import (
     IntegrityError,
     LocalStore,
     ObjectExists,
     ObjectNotFound,
-    ObjectRef,
     S3Store,
     StoreError,
     open_store,
-    sha256_bytes,
 )
 
 
@@ -91,7 +90,7 @@ def test_s3_bad_credentials_fail_clearly_without_leaking_them(s3_env, monkeypatc
 
 
 def test_s3_unreachable_endpoint_is_reported_as_unavailable(monkeypatch):
-    from components.store import StoreUnavailable
+    from components.lineage.store import StoreUnavailable
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")

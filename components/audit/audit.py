@@ -1,0 +1,332 @@
+"""Lineage audit: what is in a model version, and can every claim be verified?
+
+Built from the archive alone (manifests, objects, tombstones) plus the
+registry's tags, handed in as plain dicts: no in-process state is trusted.
+Walking from a version's manifest back to the initial model, every manifest is
+checked against the hash its successor (or the version's tag) recorded, and
+every object it references against the hash in the manifest. Problems are
+findings, never exceptions: a missing object, a changed one, a broken chain, a
+tag that points nowhere or disagrees with its manifest.
+
+Whether a client is present is decided from the lineage itself (it trained in
+a round that no later deletion in the lineage removed) and cross-checked with
+the running-sum index of the version's manifest.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from components.core.refs import ObjectRef, sha256_bytes
+from components.federation.protocol import UnlearningError
+from components.lineage.history import manifest_objects
+from components.lineage.manifests import Manifest, RoundManifest, UnlearningManifest, manifest_from_bytes
+from components.lineage.store import ObjectNotFound, ObjectStore, StoreError
+from components.lineage.tags import expected_version_tags
+from components.unlearning.tombstones import read_tombstone, tombstoned_clients
+
+REPORT_SCHEMA = "fedforget/audit-report@1"
+
+
+@dataclass
+class ObjectCheck:
+    """One archived object and what became of it."""
+
+    what: str
+    key: str
+    sha256: str
+    status: str  # ok | mismatch | missing | purged
+    actual_sha256: str | None = None
+    purged_by: str | None = None  # request id of the deletion that purged it
+    tombstone_sha256: str | None = None  # the hash the tombstone recorded for it
+
+
+@dataclass
+class Node:
+    """One step of the lineage: a federation round or a deletion."""
+
+    kind: str  # round | unlearning
+    manifest_key: str
+    manifest_sha256: str
+    version: str | None
+    version_kind: str | None
+    server_round: int
+    federation_id: str | None
+    data_version: str
+    created_at: str
+    clients: list[dict[str, Any]] = field(default_factory=list)
+    deletion: dict[str, Any] | None = None
+    present_clients: list[str] = field(default_factory=list)
+    contains_forgotten_clients: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Finding:
+    kind: str  # object_missing | object_mismatch | manifest_unreadable | tag_mismatch | index_mismatch
+    message: str
+    key: str | None = None
+
+
+@dataclass
+class AuditReport:
+    version: str
+    version_kind: str
+    manifest_key: str
+    nodes: list[Node]
+    objects: list[ObjectCheck]
+    findings: list[Finding]
+    tombstoned_clients: list[str]
+    client: str | None = None
+    client_present: bool | None = None
+    generated_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+
+    @property
+    def present_clients(self) -> list[str]:
+        return self.nodes[0].present_clients if self.nodes else []
+
+    @property
+    def deletions(self) -> list[dict[str, Any]]:
+        return [n.deletion for n in reversed(self.nodes) if n.deletion]
+
+    @property
+    def flagged_versions(self) -> list[dict[str, Any]]:
+        return [
+            {"version": n.version, "contains_forgotten_clients": n.contains_forgotten_clients}
+            for n in self.nodes
+            if n.contains_forgotten_clients
+        ]
+
+    @property
+    def verdict(self) -> str:
+        if self.findings:
+            return "findings"
+        if self.client is not None:
+            return "client_present" if self.client_present else "client_absent"
+        return "verified"
+
+    def exit_code(self) -> int:
+        """0: verified (and the client absent); 1: the client is present; 3: findings."""
+        if self.client is not None and self.client_present:
+            return 1
+        return 3 if self.findings else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        counts: dict[str, int] = {}
+        for check in self.objects:
+            counts[check.status] = counts.get(check.status, 0) + 1
+        return {
+            "schema": REPORT_SCHEMA,
+            "generated_at": self.generated_at,
+            "version": self.version,
+            "version_kind": self.version_kind,
+            "manifest_key": self.manifest_key,
+            "verdict": self.verdict,
+            "client": None if self.client is None else {"client_id": self.client, "present": self.client_present},
+            "present_clients": self.present_clients,
+            "tombstoned_clients": self.tombstoned_clients,
+            "lineage": [asdict(n) for n in self.nodes],
+            "deletions": self.deletions,
+            "flagged_versions": self.flagged_versions,
+            "objects": {
+                "checked": len(self.objects),
+                "ok": counts.get("ok", 0),
+                "purged": counts.get("purged", 0),
+                "missing": counts.get("missing", 0),
+                "mismatch": counts.get("mismatch", 0),
+                "items": [asdict(c) for c in self.objects],
+            },
+            "findings": [asdict(f) for f in self.findings],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def read_tombstones(store: ObjectStore) -> dict[str, dict[str, Any]]:
+    """Every tombstone, by client id (unreadable ones are skipped: the audit reports purges it cannot explain)."""
+    tombstones = {}
+    for client_id in tombstoned_clients(store):
+        try:
+            record = read_tombstone(store, client_id)
+        except (StoreError, ValueError, UnlearningError):
+            continue
+        if record is not None:
+            tombstones[client_id] = record
+    return tombstones
+
+
+class _Auditor:
+    def __init__(self, store: ObjectStore, versions_by_manifest: Mapping[str, Mapping[str, str]],
+                 tombstones: Mapping[str, Mapping[str, Any]]) -> None:  # fmt: skip
+        self.store = store
+        self.versions = versions_by_manifest
+        self.tombstones = tombstones
+        self.purged = {
+            p["key"]: (client, record.get("request_id"), p["sha256"])
+            for client, record in tombstones.items()
+            for p in record.get("purged", [])
+        }
+        self.checked: dict[str, ObjectCheck] = {}
+        self.findings: list[Finding] = []
+
+    def check_object(self, what: str, ref: ObjectRef) -> None:
+        if ref.key in self.checked:
+            return
+        try:
+            actual = sha256_bytes(self.store.get(ref.key))
+        except ObjectNotFound:
+            purged = self.purged.get(ref.key)
+            if purged is not None:
+                _, request_id, tomb_sha = purged
+                check = ObjectCheck(
+                    what, ref.key, ref.sha256, "purged", purged_by=request_id, tombstone_sha256=tomb_sha
+                )
+                if tomb_sha != ref.sha256:
+                    self.findings.append(Finding(
+                        "object_mismatch", f"{what}: the tombstone recorded sha256 {tomb_sha[:12]}..., "
+                        f"the manifest {ref.sha256[:12]}...", ref.key))  # fmt: skip
+            else:
+                check = ObjectCheck(what, ref.key, ref.sha256, "missing")
+                self.findings.append(
+                    Finding("object_missing", f"{what}: {ref.key} is missing and no tombstone explains it", ref.key)
+                )
+            self.checked[ref.key] = check
+            return
+        except StoreError as exc:
+            self.checked[ref.key] = ObjectCheck(what, ref.key, ref.sha256, "missing")
+            self.findings.append(Finding("object_missing", f"{what}: {ref.key} could not be read: {exc}", ref.key))
+            return
+        status = "ok" if actual == ref.sha256 else "mismatch"
+        self.checked[ref.key] = ObjectCheck(what, ref.key, ref.sha256, status, actual_sha256=actual)
+        if status == "mismatch":
+            self.findings.append(Finding(
+                "object_mismatch", f"{what}: {ref.key} has sha256 {actual[:12]}..., recorded {ref.sha256[:12]}...", ref.key
+            ))  # fmt: skip
+
+    def read_manifest(self, ref: ObjectRef) -> Manifest | None:
+        try:
+            data = self.store.get(ref.key)
+        except StoreError as exc:
+            self.findings.append(Finding("manifest_unreadable", f"manifest {ref.key} cannot be read: {exc}", ref.key))
+            return None
+        actual = sha256_bytes(data)
+        if actual != ref.sha256:
+            self.findings.append(Finding(
+                "object_mismatch", f"manifest {ref.key} has sha256 {actual[:12]}..., recorded {ref.sha256[:12]}... "
+                "(the lineage below it cannot be trusted)", ref.key))  # fmt: skip
+        try:
+            return manifest_from_bytes(data)
+        except (ValueError, KeyError) as exc:
+            self.findings.append(
+                Finding("manifest_unreadable", f"manifest {ref.key} is not a manifest: {exc}", ref.key)
+            )
+            return None
+
+    def check_tags(
+        self, ref: ObjectRef, manifest: Manifest, tags: Mapping[str, str], parent_version: str | None
+    ) -> None:
+        version = tags.get("_version", "?")
+        expected = expected_version_tags(ref, manifest, parent_version)
+        for key, value in expected.items():
+            if tags.get(key) != value:
+                self.findings.append(Finding(
+                    "tag_mismatch", f"version {version}: tag {key}={tags.get(key)!r} but the archive says {value!r}", ref.key
+                ))  # fmt: skip
+
+    def check_manifest_objects(self, manifest: Manifest) -> None:
+        for what, ref in manifest_objects(manifest):
+            self.check_object(what, ref)
+
+
+def audit(
+    store: ObjectStore,
+    version: str,
+    tags: Mapping[str, str],
+    versions_by_manifest: Mapping[str, Mapping[str, str]],
+    client: str | None = None,
+) -> AuditReport:
+    """Audit ``version`` (its registry ``tags``) against the archive in ``store``.
+
+    ``versions_by_manifest`` maps each registered version's ``manifest_key`` to
+    its tags (plus ``_version``), so manifests can be named by version.
+    """
+    tombstones = read_tombstones(store)
+    auditor = _Auditor(store, versions_by_manifest, tombstones)
+    kind = tags.get("kind", "?")
+    key, sha = tags.get("manifest_key"), tags.get("manifest_sha256")
+    report = AuditReport(version, kind, key or "", [], [], auditor.findings, sorted(tombstones), client)
+    if not key or not sha:
+        auditor.findings.append(Finding("tag_mismatch", f"version {version} has no manifest_key/manifest_sha256 tag"))
+        report.objects = list(auditor.checked.values())
+        return report
+
+    chain: list[tuple[ObjectRef, Manifest]] = []
+    ref: ObjectRef | None = ObjectRef(key, sha)
+    while ref is not None:
+        manifest = auditor.read_manifest(ref)
+        if manifest is None:
+            break
+        chain.append((ref, manifest))
+        ref = manifest.parent
+
+    nodes: list[Node] = []
+    for position, (ref, manifest) in enumerate(chain):
+        tags_here = versions_by_manifest.get(ref.key)
+        parent = chain[position + 1][0] if position + 1 < len(chain) else None
+        parent_version = versions_by_manifest.get(parent.key, {}).get("_version") if parent else None
+        if tags_here is not None:
+            auditor.check_tags(ref, manifest, tags_here, parent_version)
+        auditor.check_manifest_objects(manifest)
+        node = Node(
+            kind="round" if isinstance(manifest, RoundManifest) else "unlearning",
+            manifest_key=ref.key,
+            manifest_sha256=ref.sha256,
+            version=tags_here.get("_version") if tags_here else None,
+            version_kind=tags_here.get("kind") if tags_here else None,
+            server_round=manifest.server_round,
+            federation_id=getattr(manifest, "federation_id", None),
+            data_version=manifest.data_version,
+            created_at=manifest.created_at,
+        )
+        if isinstance(manifest, UnlearningManifest):
+            node.deletion = {
+                "request_id": manifest.request_id,
+                "time": manifest.created_at,
+                "client_id": manifest.forgotten_client,
+                "variant": manifest.variant,
+                "source_version": manifest.source_version,
+                "teacher": manifest.recovery.get("teacher"),
+                "teacher_run_id": manifest.recovery.get("teacher_run_id"),
+                "data_version": manifest.data_version,
+            }
+        else:
+            node.clients = [
+                {"client_id": c.client_id, "num_examples": c.num_examples, "weight": c.weight} for c in manifest.clients
+            ]
+        nodes.append(node)
+
+    # What each model contains, from the oldest step up: a round adds its
+    # participants, a deletion removes its client from everything before it.
+    present: set[str] = set()
+    for node in reversed(nodes):
+        if node.deletion:
+            present.discard(node.deletion["client_id"])
+        present |= {c["client_id"] for c in node.clients}
+        node.present_clients = sorted(present)
+        node.contains_forgotten_clients = sorted(present & set(tombstones))
+
+    if chain:
+        index = set(chain[0][1].sums)
+        if index != present:
+            auditor.findings.append(Finding(
+                "index_mismatch", f"the running-sum index of version {version} lists {sorted(index)}, "
+                f"the lineage says {sorted(present)}", chain[0][0].key))  # fmt: skip
+    report.nodes = nodes
+    report.objects = list(auditor.checked.values())
+    if client is not None:
+        report.client_present = client in present
+    return report

@@ -1,0 +1,240 @@
+"""Typed configuration assembled from ``params.yaml``.
+
+``params.yaml`` is the one config source: DVC tracks its sections as stage
+params, flows and the CLI validate it into the frozen models below. A profile
+(``profiles.<name>`` in the file) overlays the base sections; CLI flags overlay
+both as dotted overrides (``federate.rounds=3``). Endpoints and credentials are
+never in this file: :class:`Runtime` reads them from the environment when asked,
+never at import time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from components.config.params import (
+    DEFAULT_PROFILE,
+    ConfigError,
+    Section,
+    find_project_root,
+    parse_override,
+    read_params,
+    resolve_sections,
+    validate,
+)
+from components.data.layout import DataConfig
+from components.learning.distill import DistillSettings
+from components.learning.train import TrainSettings
+from components.models.clip_backbone import TeacherSpec
+from components.models.students import ModelSpec, available_models
+
+__all__ = [
+    "DEFAULT_PROFILE", "Config", "ConfigError", "DataConfig", "build_config",
+    "find_project_root", "load_config", "parse_override", "read_params",
+]  # fmt: skip
+
+
+class ModelConfig(Section):
+    """The ``model`` section: the student architecture (sizes from the data are added)."""
+
+    name: str = "cnn"
+    args: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        if value not in available_models():
+            raise ValueError(f"unknown model {value!r}; known: {available_models()}")
+        return value
+
+    def spec(self, num_classes: int, image_shape: tuple[int, int]) -> ModelSpec:
+        height, width = image_shape
+        if height != width:
+            raise ConfigError(f"square images expected, got {height}x{width}")
+        derived = {"num_classes": num_classes, "in_channels": 1, "image_size": height}
+        return ModelSpec(self.name, {**derived, **self.args})
+
+
+class TrainConfig(Section):
+    """The ``train`` section: local training of every client."""
+
+    # Defaults are TrainSettings' own: one place to change them (besides params.yaml).
+    local_epochs: int = Field(TrainSettings.local_epochs, ge=1)
+    batch_size: int = Field(TrainSettings.batch_size, ge=1)
+    lr: float = Field(TrainSettings.lr, gt=0)
+    momentum: float = Field(TrainSettings.momentum, ge=0, lt=1)
+    weight_decay: float = Field(TrainSettings.weight_decay, ge=0)
+
+    def settings(self) -> TrainSettings:
+        return TrainSettings(**self.model_dump())
+
+
+class FederateConfig(Section):
+    """The ``federate`` section: rounds, strategy, parallelism."""
+
+    rounds: int = Field(5, ge=1)
+    strategy: Literal["fedavg"] = "fedavg"
+    clients_per_round: int | None = Field(None, ge=1)
+    seed: int = 0
+    resume: bool = True
+    task_runner: Literal["threads", "processes"] = "threads"
+    max_workers: int = Field(2, ge=1)
+    eval_batch_size: int = Field(256, ge=1)
+    archive_retries: int = Field(3, ge=0)
+    archive_retry_delay_s: float = Field(2.0, ge=0)
+    prefit_teacher: bool = True  # fit the unlearning teacher (if missing) when a federation ends
+
+
+class UnlearnConfig(Section):
+    """The ``unlearn`` section: how a client is forgotten and quality restored."""
+
+    variant: Literal["subtract", "renormalise"] = "subtract"
+    teacher: Literal["clip", "global-model", "none"] = "clip"
+    seed: int = 0
+
+
+class TeacherConfig(Section):
+    """The ``teacher`` section: the CLIP-Adapter teacher fitted on the few-shot data.
+
+    ``preset``: ``offline`` (EfficientNet-Lite0 + MiniLM from registry packages,
+    no network), ``pretrained`` (any open_clip model name + pretrained tag or
+    checkpoint file) or ``tiny`` (random weights, tests only).
+    """
+
+    preset: Literal["offline", "pretrained", "tiny"] = "offline"
+    model_name: str | None = None  # pretrained preset: an open_clip model name, e.g. ViT-B-32
+    pretrained: str | None = None  # pretrained preset: a tag (e.g. openai) or a checkpoint file
+    image_size: int | None = Field(None, ge=16)  # None = the preset's own size
+    prompt: str = "a photo of a {}."
+    adapter_reduction: int = Field(4, ge=1)
+    adapter_alpha: float = Field(0.2, ge=0, le=1)
+    train_projection: bool | None = None  # None = the preset's default (True only for offline)
+    epochs: int = Field(300, ge=1)
+    patience: int = Field(40, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    batch_size: int = Field(32, ge=1)
+    val_fraction: float = Field(0.25, gt=0, lt=1)
+    test_subset: int = Field(1000, ge=1)
+    seed: int = 0
+
+    def spec(self) -> TeacherSpec:
+        return TeacherSpec(**self.model_dump(exclude={"test_subset"}))
+
+
+class DistillConfig(Section):
+    """The ``distill`` section: recovery training of the unlearned student."""
+
+    # Defaults are DistillSettings' own: one place to change them (besides params.yaml).
+    epochs: int = Field(DistillSettings.epochs, ge=0)
+    lr: float = Field(DistillSettings.lr, gt=0)
+    momentum: float = Field(DistillSettings.momentum, ge=0, lt=1)
+    batch_size: int = Field(DistillSettings.batch_size, ge=1)
+    temperature: float = Field(DistillSettings.temperature, gt=0)
+    beta: float = Field(DistillSettings.beta, ge=0, le=1)
+
+    def settings(self) -> DistillSettings:
+        return DistillSettings(**self.model_dump())
+
+
+class EvaluateConfig(Section):
+    """The ``evaluate`` section: unlearning measured against retraining from scratch."""
+
+    data: dict[str, Any] = Field(default_factory=dict)  # overrides of the data section
+    rounds: int = Field(10, ge=1)
+    seeds: int = Field(3, ge=1)
+    target_client: str | None = None  # None = the client with the most training data
+    backdoor_fraction: float = Field(0.5, gt=0, le=1)
+    backdoor_target_class: int = Field(0, ge=0)
+    trigger_size: int = Field(3, ge=1)
+    mia_examples: int = Field(500, ge=10)
+    max_workers: int = Field(2, ge=1)
+
+
+class VerificationConfig(Section):
+    """The ``verification`` section: checks every deletion reports (no retraining needed)."""
+
+    backdoor_target_class: int | None = None  # set when the deleted client carries a backdoor marker
+    trigger_size: int = Field(3, ge=1)
+    mia_examples: int = Field(500, ge=10)
+
+
+class OperationsConfig(Section):
+    """The ``operations`` section: what ``fedforget serve`` runs and how."""
+
+    retrain_cron: str = "0 2 * * *"
+    timezone: str = "UTC"
+    promote: Literal["gate", "always", "never"] = "gate"  # scheduled retraining's promotion rule
+    gate_tolerance: float = Field(0.01, ge=-1, le=1)  # promote if accuracy >= champion's - this
+    model_write_limit: str = "fedforget-model-writes"  # Prefect global concurrency limit (1 slot)
+    sweep_interval_s: float = Field(30.0, gt=0)
+    sweep_grace_s: float = Field(60.0, ge=0)
+    deployment_prefix: str = "fedforget"
+
+    @field_validator("retrain_cron")
+    @classmethod
+    def _five_fields(cls, value: str) -> str:
+        if len(value.split()) != 5:
+            raise ValueError(f"retrain_cron must have 5 fields (minute hour day month weekday), got {value!r}")
+        return value
+
+
+class RegistryConfig(Section):
+    """The ``registry`` section: MLflow names."""
+
+    model_name: str = "fedforget"
+    experiment: str = "fedforget"
+    champion_alias: str = "champion"
+
+
+class Config(Section):
+    """All of ``params.yaml`` for one profile."""
+
+    profile: str = DEFAULT_PROFILE
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    federate: FederateConfig = Field(default_factory=FederateConfig)
+    unlearn: UnlearnConfig = Field(default_factory=UnlearnConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    verification: VerificationConfig = Field(default_factory=VerificationConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    operations: OperationsConfig = Field(default_factory=OperationsConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+
+    def evaluation_data(self) -> DataConfig:
+        """The data section as the evaluation uses it (``evaluate.data`` laid over ``data``)."""
+        return validate(DataConfig, {**self.data.model_dump(), **self.evaluate.data}, prefix="evaluate.data")
+
+
+def build_config(
+    raw: Mapping[str, Any],
+    profile: str = DEFAULT_PROFILE,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Validate ``raw`` params for ``profile`` with ``overrides`` applied."""
+    sections = resolve_sections(raw, profile, overrides)
+    sections["profile"] = profile
+    return validate(Config, sections)
+
+
+def load_config(path: str | Path, profile: str = DEFAULT_PROFILE, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Read and validate ``params.yaml`` for ``profile``."""
+    return build_config(read_params(path), profile, overrides)
+
+
+def registered_model_profiles(path: str | Path) -> dict[str, str]:
+    """Which profile registers which MLflow model (for errors that name the right ``--profile``)."""
+    raw = read_params(path)
+    names = {}
+    for profile in [DEFAULT_PROFILE, *sorted(raw.get("profiles") or {})]:
+        try:
+            names.setdefault(build_config(raw, profile).registry.model_name, profile)
+        except ConfigError:
+            continue
+    return names

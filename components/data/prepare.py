@@ -1,0 +1,73 @@
+"""The ``prepare`` stage: raw dataset -> client shards, test set, few-shot server set.
+
+Run by DVC (see ``dvc.yaml``) as ``python -m components.data.prepare --profile P``;
+``fedforget prepare`` validates first and then asks DVC to run it, so the
+result is versioned in ``dvc.lock``. This module depends only on
+``components/params.py`` and ``components/data.py`` (the stage's deps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from components.config.params import (
+    DEFAULT_PROFILE,
+    ConfigError,
+    find_project_root,
+    params_file,
+    read_params,
+    resolve_sections,
+    validate,
+)
+from components.data.datasets import DataError, RawDataset, load_raw
+from components.data.layout import DataConfig, prepare_data, validate_settings
+
+
+def data_config(params_path: Path, profile: str = DEFAULT_PROFILE) -> DataConfig:
+    """The validated ``data`` section of ``params_path`` for ``profile``."""
+    sections = resolve_sections(read_params(params_path), profile)
+    return validate(DataConfig, sections.get("data") or {}, prefix="data")
+
+
+def check(config: DataConfig, raw_dir: str | None = None) -> RawDataset:
+    """Load the raw data and check the params against it, before anything is written.
+
+    ``raw_dir`` (from ``FEDFORGET_RAW_DIR``) wins over ``data.raw_dir``.
+    """
+    raw = load_raw(config.dataset, raw_dir or config.raw_dir)
+    validate_settings(config.prepare_settings(), raw)
+    return raw
+
+
+def prepare(config: DataConfig, out_dir: Path, raw: RawDataset) -> dict[str, Any]:
+    return prepare_data(config.prepare_settings(), out_dir, raw)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m components.data.prepare", description=__doc__)
+    parser.add_argument("--profile", default=DEFAULT_PROFILE)
+    args = parser.parse_args(argv)
+    try:
+        root = find_project_root()
+        config = data_config(params_file(root), args.profile)
+        raw = check(config, os.environ.get("FEDFORGET_RAW_DIR"))
+        out_dir = root / "data" / args.profile
+        meta = prepare(config, out_dir, raw)
+    except (ConfigError, DataError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    fed = meta["federation"]
+    print(
+        f"prepared {fed['dataset']} for profile {args.profile}: {len(fed['clients'])} clients, "
+        f"{fed['test']['num_examples']} test, {meta['server']['few_shot']['num_examples']} "
+        f"few-shot -> {out_dir}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

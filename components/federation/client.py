@@ -1,0 +1,124 @@
+"""The weight protocol's client step, and the server's checks of what clients send.
+
+A client takes a :class:`~components.federation.protocol.ClientTask` (references
+only), reads its shard and the global state it starts from out of the store,
+each checked against its sha256, trains, writes its delta to the task's upload
+key and returns a :class:`~components.federation.protocol.ClientReply` holding
+that object's reference. It can run in a thread, a process or on a remote
+worker: nothing but the store is shared.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from components.core.records import ClientResult
+from components.core.refs import ObjectRef
+from components.core.serialize import state_from_bytes, state_to_bytes
+from components.core.state import non_finite_keys, subtract
+from components.data.datasets import Split
+from components.data.layout import read_split
+from components.data.staging import split_from_bytes
+from components.federation.protocol import ClientReply, ClientTask
+from components.learning.train import evaluate, train_client
+from components.lineage.store import ObjectStore, open_store
+from components.models.students import ModelSpec, build_model
+
+
+class NonFiniteUpdateError(ValueError):
+    """A client's update holds NaN or infinity; the round must not be committed."""
+
+
+class _ContentCache:
+    """A small cache of decoded objects keyed by sha256: a round's clients share one base state.
+
+    Content-addressed, so entries never go stale; bounded, so memory stays flat.
+    """
+
+    def __init__(self, decode: Callable[[bytes], Any], capacity: int) -> None:
+        self.decode = decode
+        self.capacity = capacity
+        self._items: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, store_url: str, ref: ObjectRef) -> Any:
+        with self._lock:
+            if ref.sha256 in self._items:
+                self._items.move_to_end(ref.sha256)
+                return self._items[ref.sha256]
+        value = self.decode(open_store(store_url).get_verified(ref))
+        with self._lock:
+            self._items[ref.sha256] = value
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+        return value
+
+
+_BASE_STATES = _ContentCache(lambda data: state_from_bytes(data)[0], capacity=2)
+_SHARDS = _ContentCache(split_from_bytes, capacity=8)
+
+
+def load_shard(task: ClientTask) -> Split:
+    """The client's training data, from the store (hash-checked)."""
+    return _SHARDS.get(task.store_url, task.shard)
+
+
+def train_weights_client(task: ClientTask) -> ClientReply:
+    """Train one client from the archived base state; upload its delta; return the reference."""
+    if task.threads:
+        torch.set_num_threads(task.threads)
+    base = _BASE_STATES.get(task.store_url, task.base)
+    model = build_model(task.model)
+    model.load_state_dict(base)
+    data = load_shard(task)
+    generator = torch.Generator().manual_seed(task.seed)
+    metrics = train_client(model, data, task.train, generator)
+    delta = subtract(model.state_dict(), base)
+    meta = {"kind": "update", "client_id": task.client_id, "server_round": task.server_round, "num_examples": len(data)}
+    upload = open_store(task.store_url).put(task.upload_key, state_to_bytes(delta, meta), overwrite=False)
+    return ClientReply(
+        client_id=task.client_id,
+        server_round=task.server_round,
+        num_examples=len(data),
+        upload=upload,
+        metrics={k: v for k, v in metrics.items() if k != "num_examples"},
+    )
+
+
+def read_results(replies: Sequence[ClientReply], store: ObjectStore) -> list[ClientResult]:
+    """The uploaded deltas behind ``replies``, each checked against its sha256."""
+    return [
+        ClientResult(r.client_id, r.server_round, r.num_examples, state_from_bytes(store.get_verified(r.upload))[0],
+                     dict(r.metrics), upload=r.upload)
+        for r in replies
+    ]  # fmt: skip
+
+
+def check_results(server_round: int, results: Sequence[ClientResult]) -> None:
+    """Refuse a round whose results are unusable (server side: never trust a client)."""
+    for result in results:
+        if result.server_round != server_round:
+            raise ValueError(f"client {result.client_id} answered for round {result.server_round}, not {server_round}")
+        if result.num_examples <= 0:
+            raise ValueError(f"client {result.client_id} reported {result.num_examples} examples")
+        bad = non_finite_keys(result.delta)
+        if bad:
+            raise NonFiniteUpdateError(
+                f"round {server_round}: the update of client {result.client_id} holds NaN or "
+                f"infinity in {', '.join(bad[:3])}; the round is not committed "
+                "(lower train.lr or check that client's data)"
+            )
+
+
+def evaluate_state(
+    spec: ModelSpec, state: Mapping[str, torch.Tensor], data_path: str, batch_size: int = 256
+) -> dict[str, float]:
+    """Test loss and accuracy of ``state`` on the split at ``data_path``."""
+    model = build_model(spec)
+    model.load_state_dict(dict(state))
+    return evaluate(model, read_split(data_path), batch_size)

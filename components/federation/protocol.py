@@ -1,0 +1,176 @@
+"""The protocol contract: what every federation method states.
+
+A federation method is one :class:`Protocol`. It states
+
+- its **client step** (:meth:`Protocol.client_step`): what a client does with a
+  :class:`ClientTask`. Tasks and replies carry references only (store keys with
+  their sha256, ids, seeds), so a client runs the same in a thread, a process
+  or on a remote worker that shares nothing with the server but the store;
+- its **server step** (:meth:`Protocol.server_step`): how one round's replies
+  become the next global state, and the **contribution record**
+  (:class:`RoundOutcome`): what was applied per client, plus a residual that
+  belongs to no client (DP noise, a clipping remainder, server momentum), plus
+  the state the server carries into the next round;
+- its **forget** (:meth:`Protocol.forget`): how a client is removed from a
+  version the protocol produced.
+
+Manifests record the protocol's name and settings (:meth:`Protocol.describe`),
+so :func:`components.unlearning.forget.forget_client` can dispatch to the
+protocol that produced a lineage (:func:`protocol_from_record`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from components.core.records import ClientUpdate
+from components.core.refs import ObjectRef
+from components.core.state import StateDict
+from components.learning.train import TrainSettings
+from components.models.students import ModelSpec
+
+if TYPE_CHECKING:  # the history imports the records this module's users produce
+    from components.lineage.history import UpdateHistory
+    from components.lineage.manifests import Manifest
+    from components.lineage.store import ObjectStore
+
+
+class UnlearningError(ValueError):
+    """A deletion request that cannot be carried out as asked (nothing was changed)."""
+
+
+@dataclass(frozen=True)
+class ForgetResult:
+    """The state without the client and what changed in the lineage's bookkeeping."""
+
+    state: StateDict = field(repr=False)
+    removed: ObjectRef
+    new_sums: dict[str, StateDict] = field(repr=False)
+    round_scales: dict[str, float]
+    objects_read: int
+
+
+@dataclass(frozen=True)
+class ClientTask:
+    """Everything one client needs in one round, as references.
+
+    The client reads ``shard`` (its training data) and ``base`` (the global
+    state it starts from) from the store at ``store_url``, both checked against
+    their sha256, and writes what it uploads to ``upload_key``.
+    """
+
+    client_id: str
+    server_round: int
+    store_url: str
+    shard: ObjectRef
+    base: ObjectRef
+    upload_key: str
+    model: ModelSpec
+    train: TrainSettings
+    seed: int
+    threads: int | None = None
+
+
+@dataclass(frozen=True)
+class ClientReply:
+    """What a client returns: a reference to its upload, never the tensors."""
+
+    client_id: str
+    server_round: int
+    num_examples: int
+    upload: ObjectRef
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    """A server step's result and its contribution record.
+
+    ``state = base + sum over updates of weight * delta + residual`` for the
+    weight protocols: each update is exactly what a client's data moved the
+    model by in this round, and ``residual`` is what moved it for no client's
+    sake. ``server_state`` is carried to the next round (and archived, so a
+    federation resumes with it); ``record`` holds protocol facts for the
+    manifest (groups, scores, exclusions).
+    """
+
+    state: StateDict = field(repr=False)
+    updates: list[ClientUpdate]
+    residual: StateDict | None = field(default=None, repr=False)
+    server_state: StateDict | None = field(default=None, repr=False)
+    record: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Protocol(ABC):
+    """One federation method: client step, server step, contribution record, forget."""
+
+    name: str = "protocol"
+
+    def configure_fit(self, server_round: int, available: Sequence[str], rng: np.random.Generator) -> list[str]:
+        """The clients that train in ``server_round`` (default: every available one)."""
+        if not available:
+            raise ValueError(f"round {server_round}: no client is available to train")
+        return list(available)
+
+    @abstractmethod
+    def client_step(self, task: ClientTask) -> ClientReply:
+        """Train one client (runs wherever the client map sends it)."""
+
+    @abstractmethod
+    def server_step(
+        self,
+        server_round: int,
+        base: Mapping[str, Any],
+        server_state: StateDict | None,
+        replies: Sequence[ClientReply],
+        store: ObjectStore,
+    ) -> RoundOutcome:
+        """Combine one round's replies into the next global state and its record."""
+
+    @abstractmethod
+    def forget(
+        self, history: UpdateHistory, source: ObjectRef, manifest: Manifest, client_id: str, variant: str
+    ) -> ForgetResult:
+        """Remove ``client_id`` from the version at ``source`` (produced by this protocol)."""
+
+    def describe(self) -> dict[str, Any]:
+        """Name and settings, recorded in every manifest (:func:`protocol_from_record` inverts it)."""
+        return {"name": self.name}
+
+
+BUILTIN_PROTOCOL_MODULES = ("components.federation.weights.protocol",)
+ProtocolFactory = Callable[[Mapping[str, Any]], Protocol]
+PROTOCOLS: dict[str, ProtocolFactory] = {}
+
+
+def register_protocol(name: str) -> Callable[[ProtocolFactory], ProtocolFactory]:
+    """Register a factory that rebuilds a protocol from its recorded description."""
+
+    def decorator(factory: ProtocolFactory) -> ProtocolFactory:
+        PROTOCOLS[name] = factory
+        return factory
+
+    return decorator
+
+
+def protocol_from_record(record: Mapping[str, Any]) -> Protocol:
+    """The protocol a manifest's ``protocol`` record describes."""
+    _load_builtin_protocols()
+    name = str(record.get("name", ""))
+    try:
+        factory = PROTOCOLS[name]
+    except KeyError:
+        raise UnlearningError(f"unknown federation protocol {name!r}; known: {sorted(PROTOCOLS)}") from None
+    return factory(record)
+
+
+def _load_builtin_protocols() -> None:
+    # Importing registers them; they import this module, so not at import time.
+    for module in BUILTIN_PROTOCOL_MODULES:
+        importlib.import_module(module)

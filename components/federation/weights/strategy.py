@@ -1,0 +1,162 @@
+"""Aggregation strategies of the weight protocol.
+
+A strategy turns the results of one round's clients into a new global state and
+says, for every client, the contribution it actually applied
+(``weight * delta``). Forgetting a client later subtracts exactly those
+contributions, so a strategy that clips, perturbs or re-weights updates must
+report the delta and weight it really used.
+
+FedAvg (McMahan et al., 2017) is the first strategy; robust and
+distillation-based strategies subclass :class:`Strategy` (or :class:`FedAvg`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from components.core.records import ClientResult, ClientUpdate
+from components.core.state import StateDict, add, weighted_sum
+
+
+def aggregate(results: Sequence[tuple[StateDict, float]]) -> StateDict:
+    """Compute weighted average of deltas, weights normalised to sum 1."""
+    weights = [w for _, w in results]
+    total = float(sum(weights))
+    return weighted_sum([d for d, _ in results], [w / total for w in weights])
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """What a strategy applied in one round (see :class:`~components.federation.protocol.RoundOutcome`).
+
+    ``state = global + sum(weight * delta over updates) + residual``: the
+    updates are attributed to their clients, the residual to none of them.
+    """
+
+    state: StateDict = field(repr=False)
+    updates: list[ClientUpdate]
+    residual: StateDict | None = field(default=None, repr=False)
+    server_state: StateDict | None = field(default=None, repr=False)
+    record: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Strategy(ABC):
+    """How a server picks clients and combines their weight updates."""
+
+    name: str = "strategy"
+
+    def configure_fit(self, server_round: int, available: Sequence[str], rng: np.random.Generator) -> list[str]:
+        """Choose the clients that train in ``server_round`` (default: all)."""
+        if not available:
+            raise ValueError(f"round {server_round}: no client is available to train")
+        return list(available)
+
+    @abstractmethod
+    def aggregate_fit(
+        self,
+        server_round: int,
+        global_state: Mapping[str, torch.Tensor],
+        results: Sequence[ClientResult],
+        server_state: StateDict | None = None,
+    ) -> Aggregate:
+        """Return the new global state and exactly what was applied, per client and as residual."""
+
+    def describe(self) -> dict[str, Any]:
+        """The strategy's name and settings, for manifests and tracking (``build_strategy`` inverts it)."""
+        return {"name": self.name}
+
+
+def check_unique(server_round: int, results: Sequence[ClientResult]) -> None:
+    """Refuse a round in which a client reported twice or nobody reported."""
+    if not results:
+        raise ValueError(f"round {server_round}: no client results to aggregate")
+    seen: set[str] = set()
+    for r in results:
+        if r.client_id in seen:
+            raise ValueError(f"round {server_round}: client {r.client_id} reported twice")
+        seen.add(r.client_id)
+
+
+STRATEGIES: dict[str, type[Strategy]] = {}
+
+
+def register_strategy(name: str) -> Callable[[type[Strategy]], type[Strategy]]:
+    """Make a strategy class available to ``federate.strategy`` and to manifests' records."""
+
+    def decorator(cls: type[Strategy]) -> type[Strategy]:
+        STRATEGIES[name] = cls
+        return cls
+
+    return decorator
+
+
+@register_strategy("fedavg")
+class FedAvg(Strategy):
+    """Federated averaging: weights proportional to ``num_examples``.
+
+    Parameters
+    ----------
+    clients_per_round
+        How many clients train per round; ``None`` means all available.
+    """
+
+    name = "fedavg"
+
+    def __init__(self, clients_per_round: int | None = None) -> None:
+        if clients_per_round is not None and clients_per_round < 1:
+            raise ValueError(f"clients_per_round must be >= 1, got {clients_per_round}")
+        self.clients_per_round = clients_per_round
+
+    def configure_fit(self, server_round: int, available: Sequence[str], rng: np.random.Generator) -> list[str]:
+        chosen = super().configure_fit(server_round, available, rng)
+        if self.clients_per_round is None or self.clients_per_round >= len(chosen):
+            return chosen
+        picked = rng.choice(len(chosen), size=self.clients_per_round, replace=False)
+        return [chosen[i] for i in sorted(picked)]
+
+    def weights(self, results: Sequence[ClientResult]) -> list[float]:
+        """The weight applied to each result: ``n_i / sum_j n_j``."""
+        total = sum(r.num_examples for r in results)
+        if total <= 0:
+            raise ValueError("cannot aggregate: the clients reported no training examples")
+        return [r.num_examples / total for r in results]
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        global_state: Mapping[str, torch.Tensor],
+        results: Sequence[ClientResult],
+        server_state: StateDict | None = None,
+    ) -> Aggregate:
+        check_unique(server_round, results)
+        weights = self.weights(results)
+        updates = [
+            ClientUpdate(r.client_id, server_round, r.num_examples, w, r.delta, upload=r.upload)
+            for r, w in zip(results, weights)
+        ]
+        step = aggregate([(u.delta, u.weight) for u in updates])
+        return Aggregate(add(global_state, step), updates)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "clients_per_round": self.clients_per_round}
+
+
+def build_strategy(name: str, **kwargs: Any) -> Strategy:
+    """Instantiate a registered strategy by name."""
+    try:
+        cls = STRATEGIES[name]
+    except KeyError:
+        raise ValueError(f"unknown strategy {name!r}; known: {sorted(STRATEGIES)}") from None
+    return cls(**kwargs)
+
+
+def strategy_from_record(record: Mapping[str, Any]) -> Strategy:
+    """The strategy a manifest recorded (its ``describe()``)."""
+    settings = {k: v for k, v in record.items() if k != "name"}
+    return build_strategy(str(record.get("name")), **settings)

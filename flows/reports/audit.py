@@ -1,0 +1,153 @@
+"""Rendering an audit: Markdown report, lineage graph (PNG), JSON (see components/audit/schemas/)."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from components.audit.audit import AuditReport
+
+VERDICTS = {
+    "verified": "every archived object and tag checked out",
+    "client_absent": "the client's contributions are absent, and every check passed",
+    "client_present": "the client's contributions are PRESENT in this version",
+    "findings": "FINDINGS: some claims cannot be verified (see Findings)",
+}
+
+
+def report_schema() -> dict[str, Any]:
+    """The JSON schema that ``fedforget audit --json`` output follows."""
+    return json.loads(resources.files("components.audit").joinpath("schemas/audit-report.schema.json").read_text())
+
+
+def _short(value: str | None, n: int = 12) -> str:
+    return "-" if not value else (value if len(value) <= n else value[:n] + "…")
+
+
+def render_markdown(report: AuditReport, graph_file: str | None = "lineage.png") -> str:
+    data = report.to_dict()
+    lines = [
+        f"# Audit of model version {report.version} ({report.version_kind})",
+        "",
+        f"Generated {report.generated_at}. Verdict: **{data['verdict']}**: {VERDICTS[data['verdict']]}.",
+        "",
+    ]
+    if report.client is not None:
+        lines += [
+            f"**Client `{report.client}`: {'PRESENT' if report.client_present else 'absent'}** "
+            "(decided from the lineage: it trained in a round that no later deletion removed; "
+            "cross-checked with the version's running-sum index).",
+            "",
+        ]
+    lines += [
+        f"- Clients whose contributions are in this version: {', '.join(report.present_clients) or 'none'}",
+        f"- Forgotten (tombstoned) clients in the store: {', '.join(report.tombstoned_clients) or 'none'}",
+        f"- Archived objects checked: {data['objects']['checked']} (ok {data['objects']['ok']}, purged "
+        f"{data['objects']['purged']}, missing {data['objects']['missing']}, changed {data['objects']['mismatch']})",
+        "",
+    ]
+    if graph_file:
+        lines += [f"![lineage]({graph_file})", ""]
+    lines += [
+        "## Lineage (newest first)",
+        "",
+        "| step | version | round | federation | clients (examples, weight) | data version |",
+        "|---|---|---|---|---|---|",
+    ]
+    for node in report.nodes:
+        if node.deletion:
+            d = node.deletion
+            what = f"deletion of **{d['client_id']}** ({d['variant']}, teacher {d['teacher']})"
+        else:
+            what = ", ".join(f"{c['client_id']} ({c['num_examples']}, {c['weight']:.3f})" for c in node.clients)
+        flag = (
+            f" ⚠ contains forgotten {', '.join(node.contains_forgotten_clients)}"
+            if node.contains_forgotten_clients
+            else ""
+        )
+        lines.append(
+            f"| {node.kind} | {node.version or 'unregistered'}{flag} | {node.server_round} | "
+            f"{_short(node.federation_id, 26)} | {what} | {_short(node.data_version)} |"
+        )
+    lines += ["", "## Deletions applied", ""]
+    if report.deletions:
+        lines += [
+            "| request | time | client | variant | source version | teacher run | data version |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for d in report.deletions:
+            lines.append(
+                f"| {d['request_id']} | {d['time']} | {d['client_id']} | {d['variant']} | {d['source_version']} | "
+                f"{_short(d['teacher_run_id'])} | {_short(d['data_version'])} |"
+            )
+    else:
+        lines.append("None in this lineage.")
+    lines += ["", "## Findings", ""]
+    lines += [f"- **{f.kind}**: {f.message}" for f in report.findings] or ["None."]
+    purged = [c for c in report.objects if c.status == "purged"]
+    if purged:
+        lines += [
+            "",
+            "## Purged objects (by deletion requests)",
+            "",
+            "| object | recorded sha256 | tombstone sha256 | request |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {c.key} | {_short(c.sha256, 16)} | {_short(c.tombstone_sha256, 16)} | {c.purged_by} |" for c in purged
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def plot_lineage(report: AuditReport, path: str | Path) -> Path:
+    """Versions as nodes (oldest at the top), rounds and deletions as edges."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    steps = list(reversed(report.nodes))  # oldest first
+    labels = ["initial model"] + [f"v{n.version or '?'}" + (" (unlearned)" if n.deletion else "") for n in steps]
+    edges = [
+        f"delete {n.deletion['client_id']}" if n.deletion else f"round {n.server_round}: {len(n.clients)} clients"
+        for n in steps
+    ]
+    height = max(2.5, 0.75 * len(labels))
+    fig, ax = plt.subplots(figsize=(6.5, height))
+    ax.set_xlim(0, 10)
+    ax.set_ylim(-0.5, len(labels) - 0.5)
+    ax.invert_yaxis()
+    ax.axis("off")
+    for i, label in enumerate(labels):
+        node = steps[i - 1] if i else None
+        face = "#f6d5d5" if node is not None and node.deletion else "#d9e6f5"
+        edge = "#d9822b" if node is not None and node.contains_forgotten_clients else "#35527a"
+        ax.text(3, i, label, ha="center", va="center", fontsize=9,
+                bbox={"boxstyle": "round,pad=0.4", "fc": face, "ec": edge, "lw": 2 if edge == "#d9822b" else 1})  # fmt: skip
+        if node is not None and node.contains_forgotten_clients:
+            ax.text(
+                5.2,
+                i,
+                "contains " + ", ".join(node.contains_forgotten_clients),
+                va="center",
+                fontsize=7,
+                color="#d9822b",
+            )
+        if i:
+            ax.annotate("", xy=(3, i - 0.28), xytext=(3, i - 0.72), arrowprops={"arrowstyle": "->", "color": "#555"})
+            ax.text(
+                3.25,
+                i - 0.5,
+                edges[i - 1],
+                va="center",
+                fontsize=7,
+                color="#b03030" if steps[i - 1].deletion else "#333",
+            )
+    ax.set_title(f"Lineage of version {report.version}", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

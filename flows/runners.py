@@ -1,0 +1,65 @@
+"""Where clients train: the task runner from ``federate.task_runner``, and the round's injections.
+
+Every flow that federates builds its runner here, from config, inside the flow
+run: so the CLI, the deployments ``fedforget serve`` runs and any other caller
+honour ``federate.task_runner`` alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
+
+from components.config.sections import Config
+from components.federation.protocol import ClientReply, ClientTask, Protocol
+from components.federation.rounds import Call, ClientMap, ClientStep
+
+
+def build_task_runner(config: Config) -> TaskRunner[Any]:
+    """The task runner that trains clients in parallel (``federate.task_runner``)."""
+    workers = config.federate.max_workers
+    if config.federate.task_runner == "processes":
+        return ProcessPoolTaskRunner(max_workers=workers)
+    return ThreadPoolTaskRunner(max_workers=workers)
+
+
+@task(name="train-client", cache_policy=NO_CACHE, task_run_name="train-{client.client_id}-r{client.server_round}")
+def train_client_task(protocol: Protocol, client: ClientTask) -> ClientReply:
+    return protocol.client_step(client)
+
+
+def prefect_client_map(runner: TaskRunner[Any], protocol: Protocol) -> ClientMap:
+    """One ``train-client`` task per client, on ``runner`` (entered by the caller)."""
+
+    def run(step: ClientStep, tasks: Sequence[ClientTask]) -> list[ClientReply]:
+        futures = [runner.submit(train_client_task, parameters={"protocol": protocol, "client": t}) for t in tasks]
+        return [future.result() for future in futures]
+
+    return run
+
+
+@task(name="aggregate", cache_policy=NO_CACHE)
+def aggregate_task(fn: Callable[..., Any], *args: Any) -> Any:
+    return fn(*args)
+
+
+@task(name="archive-round", cache_policy=NO_CACHE)
+def archive_task(fn: Callable[..., Any], *args: Any) -> Any:
+    return fn(*args)
+
+
+def prefect_call(config: Config) -> Call:
+    """The server's steps as Prefect tasks; the archive retried (store I/O)."""
+    archive = archive_task.with_options(
+        retries=config.federate.archive_retries, retry_delay_seconds=config.federate.archive_retry_delay_s
+    )
+    tasks = {"aggregate": aggregate_task, "archive": archive}
+
+    def call(name: str, fn: Callable[..., Any], *args: Any) -> Any:
+        return tasks[name](fn, *args)
+
+    return call
