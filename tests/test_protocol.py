@@ -13,6 +13,7 @@ residuals stay, so the result is exact up to the recorded residuals:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -139,3 +140,25 @@ def test_a_round_commits_client_uploads_by_reference(tmp_path):
         assert entry.update == reply.upload  # the client's own upload is the archived update
         assert entry.upload is None  # FedAvg applied it unmodified
     assert manifest.residual is None and manifest.server_state is None
+
+
+def test_schema_1_manifests_stay_readable_and_forgettable(tmp_path):
+    # Prepare: a round committed today, rewritten as an @1 manifest (what stores written before hold)
+    store = LocalStore(tmp_path)
+    history, _, results = federate(weight_protocol("fedavg"), store, rounds=1)
+    current = results[0].manifest.to_dict()
+    old = {k: v for k, v in current.items() if k not in ("protocol", "index", "residual", "server_state")}
+    old |= {"schema": "fedforget/round-manifest@1", "strategy": {"name": "fedavg", "clients_per_round": None},
+            "sums": current["index"]["entries"]}  # fmt: skip
+    for client in old["clients"]:
+        del client["upload"], client["spec"]
+    ref = store.put("federations/fed-m/rounds/00001/manifest-v1.json", json.dumps(old).encode())
+    # Execute
+    manifest = history.read_manifest(ref)
+    forgotten = forget_client(history, ref, manifest, "c0")
+    # Assert: read as FedAvg weight averaging, and forgetting dispatches to it
+    assert manifest.protocol == {"name": "weights", "strategy": {"name": "fedavg", "clients_per_round": None}}
+    assert manifest.sums == results[0].manifest.sums and manifest.residual is None
+    expected = subtract(results[0].state, history.read_state(manifest.sums["c0"]))
+    for key, value in forgotten.state.items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0)
