@@ -24,7 +24,7 @@ from components.core.records import ClientResult
 from components.core.state import StateDict, add, scale, subtract, zeros_like
 from components.data.datasets import Split
 from components.data.staging import stage_splits
-from components.federation.protocol import protocol_from_record
+from components.federation.protocol import RoundOutcome, protocol_from_record
 from components.federation.rounds import Federation, run_round, serial_map
 from components.federation.weights.protocol import WeightAveraging, weight_protocol
 from components.federation.weights.strategy import Aggregate, FedAvg, register_strategy
@@ -162,3 +162,50 @@ def test_schema_1_manifests_stay_readable_and_forgettable(tmp_path):
     expected = subtract(results[0].state, history.read_state(manifest.sums["c0"]))
     for key, value in forgotten.state.items():
         torch.testing.assert_close(value, expected[key], rtol=0, atol=0)
+
+
+class EchoProtocol(WeightAveraging):
+    """A toy method that also exchanges per-client records and keeps a personal state per client."""
+
+    def client_step(self, task):
+        from components.core.serialize import state_to_bytes
+        from components.lineage.store import open_store
+
+        reply = super().client_step(task)
+        store = open_store(task.store_url)
+        seen = 0.0 if task.personal is None else 1.0
+        personal = store.put(task.object_key("personal"), state_to_bytes({"seen": torch.tensor([seen])}, {}))
+        labels = store.put(task.object_key("soft_labels"), state_to_bytes({"p": torch.ones(2, 3) / 3}, {}))
+        return ClientReplyWith(reply, {"personal": personal, "soft_labels": labels})
+
+    def server_step(self, server_round, base, server_state, replies, store):
+        outcome = super().server_step(server_round, base, server_state, replies, store)
+        return RoundOutcome(
+            outcome.state, outcome.updates,
+            client_objects={r.client_id: dict(r.objects) for r in replies},
+            server_objects={"consensus": {"p": torch.ones(2, 3) / 3}},
+            personal={r.client_id: r.objects["personal"] for r in replies},
+        )  # fmt: skip
+
+
+def ClientReplyWith(reply, objects):
+    from dataclasses import replace
+
+    return replace(reply, objects=objects)
+
+
+def test_a_method_records_client_objects_a_personal_state_and_its_own_objects(tmp_path):
+    from components.unlearning.tombstones import list_client_objects
+
+    store = LocalStore(tmp_path)
+    history, _, results = federate(EchoProtocol(FedAvg()), store, rounds=2)
+    first, second = results[0].manifest, results[1].manifest
+    # every client's records are named in its entry; the server's own object in the manifest
+    assert all(set(c.objects) == {"personal", "soft_labels"} for c in second.clients)
+    assert set(second.objects) == {"consensus"} and verify_manifest(store, second) == []
+    # the personal state is carried: in round 2 each client got its round-1 state back
+    assert first.personal == {c.client_id: c.objects["personal"] for c in first.clients}
+    assert history.read_state(second.personal["c1"])["seen"].item() == 1.0
+    # and every per-client record is found for purging
+    kinds = {key.key.split("/")[-2] for key in list_client_objects(store, "c1")}
+    assert kinds == {"updates", "sums", "personal", "soft_labels", "clients"}

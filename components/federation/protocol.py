@@ -37,7 +37,7 @@ from components.models.students import ModelSpec
 
 if TYPE_CHECKING:  # the history imports the records this module's users produce
     from components.lineage.history import UpdateHistory
-    from components.lineage.manifests import Manifest
+    from components.lineage.manifests import LineageHead, Manifest
     from components.lineage.store import ObjectStore
 
 
@@ -62,7 +62,12 @@ class ClientTask:
 
     The client reads ``shard`` (its training data) and ``base`` (the global
     state it starts from) from the store at ``store_url``, both checked against
-    their sha256, and writes what it uploads to ``upload_key``.
+    their sha256, and writes what it uploads to ``upload_key``. Methods whose
+    clients keep a state of their own get it back as ``personal`` (the last
+    one archived for this client); ``inputs`` are the round's other objects
+    from the server (a public set, consensus soft labels) and ``settings`` the
+    method's own knobs for this client. Further uploads go to keys under
+    ``upload_prefix`` (``<upload_prefix><name>/<client_id>.safetensors``).
     """
 
     client_id: str
@@ -75,17 +80,30 @@ class ClientTask:
     train: TrainSettings
     seed: int
     threads: int | None = None
+    personal: ObjectRef | None = None
+    inputs: Mapping[str, ObjectRef] = field(default_factory=dict)
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    upload_prefix: str = ""
+
+    def object_key(self, name: str) -> str:
+        """Where this client writes its upload called ``name`` (soft labels, personal state, ...)."""
+        return f"{self.upload_prefix}{name}/{self.client_id}.safetensors"
 
 
 @dataclass(frozen=True)
 class ClientReply:
-    """What a client returns: a reference to its upload, never the tensors."""
+    """What a client returns: references to its uploads, never the tensors.
+
+    ``upload`` is its weight delta (weight protocols) or its main upload;
+    ``objects`` any others by name (``"personal"`` is its own new state).
+    """
 
     client_id: str
     server_round: int
     num_examples: int
-    upload: ObjectRef
+    upload: ObjectRef | None
     metrics: Mapping[str, float] = field(default_factory=dict)
+    objects: Mapping[str, ObjectRef] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -98,6 +116,15 @@ class RoundOutcome:
     sake. ``server_state`` is carried to the next round (and archived, so a
     federation resumes with it); ``record`` holds protocol facts for the
     manifest (groups, scores, exclusions).
+
+    Methods that exchange something other than weight deltas leave
+    ``updates`` empty and record instead: ``client_objects`` (per client, the
+    archived uploads the manifest must name: soft labels, personal states),
+    ``server_objects`` (states the server step produced, archived with the
+    round: consensus labels, per-architecture models), ``personal`` (each
+    client's latest own state) and ``specs`` (each client's model, when it is
+    not the global one). ``participants`` maps every client that took part to
+    its ``num_examples`` (the weight protocols' updates imply it).
     """
 
     state: StateDict = field(repr=False)
@@ -105,6 +132,11 @@ class RoundOutcome:
     residual: StateDict | None = field(default=None, repr=False)
     server_state: StateDict | None = field(default=None, repr=False)
     record: Mapping[str, Any] = field(default_factory=dict)
+    participants: Mapping[str, int] = field(default_factory=dict)
+    client_objects: Mapping[str, Mapping[str, ObjectRef]] = field(default_factory=dict)
+    server_objects: Mapping[str, StateDict] = field(default_factory=dict, repr=False)
+    personal: Mapping[str, ObjectRef] = field(default_factory=dict)
+    specs: Mapping[str, ModelSpec] = field(default_factory=dict)
 
 
 class Protocol(ABC):
@@ -117,6 +149,18 @@ class Protocol(ABC):
         if not available:
             raise ValueError(f"round {server_round}: no client is available to train")
         return list(available)
+
+    def client_model(self, client_id: str, global_model: ModelSpec) -> ModelSpec:
+        """The model ``client_id`` trains (default: the global one)."""
+        return global_model
+
+    def client_settings(self, client_id: str) -> Mapping[str, Any]:
+        """Method knobs for one client's task (default: none)."""
+        return {}
+
+    def round_inputs(self, server_round: int, head: LineageHead, store: ObjectStore) -> Mapping[str, ObjectRef]:
+        """Objects every client of ``server_round`` receives besides the global state (default: none)."""
+        return {}
 
     @abstractmethod
     def client_step(self, task: ClientTask) -> ClientReply:

@@ -116,6 +116,8 @@ def run_round(
     server_round = head.server_round + 1
     selected = protocol.configure_fit(server_round, available, rng)
     prefix = federation.history.round_prefix(federation.federation_id, server_round)
+    store = federation.history.store
+    inputs = protocol.round_inputs(server_round, head, store)
     tasks = [
         ClientTask(
             client_id=cid,
@@ -124,10 +126,14 @@ def run_round(
             shard=federation.shards[cid],
             base=head.state,
             upload_key=f"{prefix}updates/{cid}.safetensors",
-            model=federation.model,
+            model=protocol.client_model(cid, federation.model),
             train=federation.train,
             seed=client_seed(federation.seed, server_round, cid),
             threads=federation.threads,
+            personal=head.personal.get(cid),
+            inputs=inputs,
+            settings=protocol.client_settings(cid),
+            upload_prefix=prefix,
         )
         for cid in selected
     ]
@@ -136,20 +142,22 @@ def run_round(
     tasks.sort(key=lambda t: -federation.sizes.get(t.client_id, 0))
     replies = sorted(client_map(protocol.client_step, tasks), key=lambda r: r.client_id)
     trained = time.perf_counter()
-    store = federation.history.store
     try:
         outcome = call("aggregate", protocol.server_step, server_round, base_state, server_state, replies, store)
     except Exception:
         # A refused round (e.g. a non-finite update) is never committed: its uploads go now.
         for reply in replies:
-            store.delete(reply.upload.key)
+            for ref in [reply.upload, *reply.objects.values()]:
+                if ref is not None:
+                    store.delete(ref.key)
         raise
     aggregated = time.perf_counter()
     manifest_ref, manifest = call(
         "archive", federation.history.commit_round,
         federation.federation_id, server_round, head, outcome.updates, outcome.state, federation.model,
         protocol.describe(), federation.data_version, {r.client_id: dict(r.metrics) for r in replies},
-        dict(outcome.record), outcome.residual, outcome.server_state,
+        dict(outcome.record), outcome.residual, outcome.server_state, dict(outcome.participants),
+        dict(outcome.client_objects), dict(outcome.server_objects), dict(outcome.personal), dict(outcome.specs),
     )  # fmt: skip
     archived = time.perf_counter()
     timings = {

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -129,6 +130,11 @@ class UpdateHistory:
         extra: Mapping[str, Any] | None = None,
         residual: Mapping[str, torch.Tensor] | None = None,
         server_state: Mapping[str, torch.Tensor] | None = None,
+        participants: Mapping[str, int] | None = None,
+        client_objects: Mapping[str, Mapping[str, ObjectRef]] | None = None,
+        server_objects: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+        personal: Mapping[str, ObjectRef] | None = None,
+        specs: Mapping[str, ModelSpec] | None = None,
     ) -> tuple[ObjectRef, RoundManifest]:
         """Archive one aggregated round; the manifest is written last.
 
@@ -136,9 +142,14 @@ class UpdateHistory:
         the strategy modified it (then the applied delta is written beside it,
         under ``applied/``). Running sums grow by ``weight * delta``; the
         residual and the carried server state are written as objects of their
-        own. Every object is write-once and content-checked, so re-running a
-        commit that failed half-way (e.g. the store went down) finishes it
-        without duplicating or altering what was already written.
+        own. Methods that exchange something other than weight deltas record
+        their clients' archived objects (``client_objects``, already in the
+        store), their own (``server_objects``, written here) and each client's
+        latest personal state (``personal``, carried along the lineage);
+        ``participants`` (client id -> examples) names clients that trained
+        without a weight update. Every object is write-once and content-checked,
+        so re-running a commit that failed half-way (e.g. the store went down)
+        finishes it without duplicating or altering what was already written.
         """
         if server_round != head.server_round + 1:
             raise ValueError(f"round {server_round} does not follow round {head.server_round}")
@@ -184,8 +195,20 @@ class UpdateHistory:
                       (("global", new_state), ("residual", residual), ("server_state", server_state))}  # fmt: skip
             archived = list(pool.map(archive_client, ordered))
             refs = {name: future.result() for name, future in states.items()}
-        entries = [entry for entry, _ in archived]
+        client_objects, specs = client_objects or {}, specs or {}
+        by_id = {entry.client_id: entry for entry, _ in archived}
+        for cid, n in (participants or {}).items():
+            by_id.setdefault(cid, ClientEntry(validate_id(cid, "client id"), n, 0.0, None, dict(metrics.get(cid, {}))))
+        entries = [
+            replace(entry, objects=dict(client_objects.get(cid, {})), spec=specs.get(cid))
+            for cid, entry in sorted(by_id.items())
+        ]
         sums = dict(head.sums) | {entry.client_id: sum_ref for entry, sum_ref in archived}
+        objects = {
+            name: self.write_state(f"{prefix}{validate_id(name, 'object name')}.safetensors", clone_state(state),
+                                   {"kind": name, "server_round": server_round})
+            for name, state in sorted((server_objects or {}).items())
+        }  # fmt: skip
         manifest = RoundManifest(
             federation_id=federation_id,
             server_round=server_round,
@@ -201,6 +224,8 @@ class UpdateHistory:
             extra=dict(extra or {}),
             residual=refs["residual"],
             server_state=refs["server_state"],
+            objects=objects,
+            personal=dict(head.personal) | dict(personal or {}),
         )
         return self._commit_manifest(f"{prefix}manifest.json", manifest)
 
@@ -272,6 +297,7 @@ class UpdateHistory:
             metrics=dict(metrics),
             protocol=dict(source_manifest.protocol),
             server_state=source_manifest.server_state,
+            personal={cid: ref for cid, ref in source_manifest.personal.items() if cid != client_id},
         )
         ref, committed = self._commit_manifest(f"{prefix}manifest.json", manifest)
         if not isinstance(committed, UnlearningManifest):
@@ -305,15 +331,19 @@ def manifest_objects(manifest: Manifest) -> list[tuple[str, ObjectRef]]:
     if isinstance(manifest, RoundManifest):
         r = manifest.server_round
         for c in manifest.clients:
-            refs.append((f"update of {c.client_id} (round {r})", c.update))
+            if c.update is not None:
+                refs.append((f"update of {c.client_id} (round {r})", c.update))
             if c.upload is not None:
                 refs.append((f"upload of {c.client_id} (round {r})", c.upload))
+            refs += [(f"{name} of {c.client_id} (round {r})", ref) for name, ref in sorted(c.objects.items())]
         extra = (("residual", manifest.residual), ("server state", manifest.server_state))
         refs += [(f"{name} (round {r})", ref) for name, ref in extra if ref]
+        refs += [(f"{name} (round {r})", ref) for name, ref in sorted(manifest.objects.items())]
     else:
         refs.append((f"running sum of {manifest.forgotten_client} (subtracted)", manifest.removed))
         refs.append(("state after subtraction", manifest.forgotten_state))
     refs += [(f"running sum of {cid}", ref) for cid, ref in sorted(manifest.sums.items())]
+    refs += [(f"personal state of {cid}", ref) for cid, ref in sorted(manifest.personal.items())]
     return refs
 
 

@@ -59,27 +59,32 @@ def _index(data: Mapping[str, Any]) -> dict[str, ObjectRef]:
 class ClientEntry:
     """One participant of a round as recorded in its manifest.
 
-    ``update`` is the delta the server applied with ``weight``; ``upload`` what
-    the client sent, when it differs (a strategy clipped or perturbed it).
-    ``spec`` is the client's model when it is not the round's global model.
+    ``update`` is the delta the server applied with ``weight`` (weight
+    protocols; ``None`` for methods that exchange something else); ``upload``
+    what the client sent, when it differs (a strategy clipped or perturbed it).
+    ``objects`` are the client's other archived records of the round (soft
+    labels, its personal state, ...); ``spec`` is the client's model when it is
+    not the round's global model.
     """
 
     client_id: str
     num_examples: int
     weight: float
-    update: ObjectRef
+    update: ObjectRef | None
     metrics: Mapping[str, float] = field(default_factory=dict)
     upload: ObjectRef | None = None
     spec: ModelSpec | None = None
+    objects: Mapping[str, ObjectRef] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "client_id": self.client_id,
             "num_examples": self.num_examples,
             "weight": self.weight,
-            "update": self.update.to_dict(),
+            "update": self.update.to_dict() if self.update else None,
             "upload": self.upload.to_dict() if self.upload else None,
             "spec": self.spec.to_dict() if self.spec else None,
+            "objects": {name: ref.to_dict() for name, ref in sorted(self.objects.items())},
             "metrics": dict(self.metrics),
         }
 
@@ -89,10 +94,11 @@ class ClientEntry:
             client_id=str(data["client_id"]),
             num_examples=int(data["num_examples"]),
             weight=float(data["weight"]),
-            update=ObjectRef.from_dict(data["update"]),
+            update=_ref(data.get("update")),
             metrics=dict(data.get("metrics", {})),
             upload=_ref(data.get("upload")),
             spec=ModelSpec.from_dict(data["spec"]) if data.get("spec") else None,
+            objects=_refs(data.get("objects") or {}),
         )
 
 
@@ -114,6 +120,8 @@ class RoundManifest:
     extra: Mapping[str, Any] = field(default_factory=dict)
     residual: ObjectRef | None = None  # applied for no client's sake (momentum carry, DP noise)
     server_state: ObjectRef | None = None  # carried into the next round (e.g. a momentum buffer)
+    objects: Mapping[str, ObjectRef] = field(default_factory=dict)  # the server step's own records
+    personal: Mapping[str, ObjectRef] = field(default_factory=dict)  # each client's latest own state
 
     @property
     def client_ids(self) -> list[str]:
@@ -134,6 +142,8 @@ class RoundManifest:
             "index": {"kind": RUNNING_SUMS, "entries": {cid: ref.to_dict() for cid, ref in sorted(self.sums.items())}},
             "residual": self.residual.to_dict() if self.residual else None,
             "server_state": self.server_state.to_dict() if self.server_state else None,
+            "objects": {name: ref.to_dict() for name, ref in sorted(self.objects.items())},
+            "personal": {cid: ref.to_dict() for cid, ref in sorted(self.personal.items())},
             "data_version": self.data_version,
             "created_at": self.created_at,
             "extra": dict(self.extra),
@@ -163,6 +173,8 @@ class RoundManifest:
             extra=dict(data.get("extra", {})),
             residual=_ref(data.get("residual")),
             server_state=_ref(data.get("server_state")),
+            objects=_refs(data.get("objects") or {}),
+            personal=_refs(data.get("personal") or {}),
         )
 
 
@@ -189,6 +201,8 @@ class UnlearningManifest:
     metrics: Mapping[str, float] = field(default_factory=dict)
     protocol: Mapping[str, Any] = field(default_factory=lambda: dict(V1_PROTOCOL))  # the source's
     server_state: ObjectRef | None = None  # the source's, carried on unchanged
+    personal: Mapping[str, ObjectRef] = field(default_factory=dict)  # the source's, minus the client
+    objects: Mapping[str, ObjectRef] = field(default_factory=dict)  # the forget step's own records
 
     client_ids: tuple[str, ...] = ()  # nobody trains in a deletion
 
@@ -210,6 +224,8 @@ class UnlearningManifest:
             "protocol": dict(self.protocol),
             "index": {"kind": RUNNING_SUMS, "entries": {cid: ref.to_dict() for cid, ref in sorted(self.sums.items())}},
             "server_state": self.server_state.to_dict() if self.server_state else None,
+            "personal": {cid: ref.to_dict() for cid, ref in sorted(self.personal.items())},
+            "objects": {name: ref.to_dict() for name, ref in sorted(self.objects.items())},
             "round_scales": dict(sorted(self.round_scales.items())),
             "recovery": dict(self.recovery),
             "data_version": self.data_version,
@@ -245,6 +261,8 @@ class UnlearningManifest:
             metrics=dict(data.get("metrics", {})),
             protocol=dict(data.get("protocol") or V1_PROTOCOL),
             server_state=_ref(data.get("server_state")),
+            personal=_refs(data.get("personal") or {}),
+            objects=_refs(data.get("objects") or {}),
         )
 
 
@@ -271,8 +289,12 @@ class LineageHead:
     server_round: int
     sums: Mapping[str, ObjectRef]
     server_state: ObjectRef | None = None
+    personal: Mapping[str, ObjectRef] = field(default_factory=dict)
 
     @classmethod
     def of(cls, ref: ObjectRef, manifest: Manifest) -> LineageHead:
         """The head a committed manifest leaves (to resume or continue from)."""
-        return cls(manifest.global_state, ref, manifest.server_round, dict(manifest.sums), manifest.server_state)
+        return cls(
+            manifest.global_state, ref, manifest.server_round, dict(manifest.sums), manifest.server_state,
+            dict(manifest.personal),
+        )  # fmt: skip

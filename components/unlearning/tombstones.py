@@ -42,22 +42,26 @@ def tombstoned_clients(store: ObjectStore) -> set[str]:
     return {k.rsplit("/", 1)[-1].removesuffix(".json") for k in store.list("tombstones/") if k.endswith(".json")}
 
 
-CLIENT_FOLDERS = ("updates", "applied", "sums", "clients")  # folders whose files are named by client id
+# Per-client objects are files named by client id one folder below these levels:
+# federations/<id>/rounds/<r>/<kind>/<client>, unlearning/<id>/<kind>/<client>,
+# datasets/<version>/clients/<client>. (Round-level objects sit one level higher.)
+_CLIENT_KEY_DEPTH = {"federations": 6, "unlearning": 4, "datasets": 4}
 
 
 def list_client_objects(store: ObjectStore, client_id: str) -> list[ObjectRef]:
     """Every stored object holding the client's data or contributions, with its hash.
 
-    Its uploads and applied updates, its running sums, and its staged training
-    shards (``datasets/<version>/clients/``).
+    Every per-client record of every method (uploads, applied updates, running
+    sums, soft labels, personal states) and its staged training shards
+    (``datasets/<version>/clients/``).
     """
     validate_client_id(client_id)
     name = f"{client_id}.safetensors"
     refs = []
-    for prefix in ("federations/", "unlearning/", "datasets/"):
-        for key in store.list(prefix):
+    for top, depth in _CLIENT_KEY_DEPTH.items():
+        for key in store.list(f"{top}/"):
             parts = key.split("/")
-            if parts[-1] == name and len(parts) >= 2 and parts[-2] in CLIENT_FOLDERS:
+            if parts[-1] == name and len(parts) == depth:
                 data = store.get(key)
                 refs.append(ObjectRef(key, sha256_bytes(data), len(data)))
     return refs
