@@ -141,3 +141,48 @@ def test_fashion_mnist_and_mnist_load_from_their_packages():
     mnist = load_raw("mnist")
     assert len(mnist.train) == 60_000 and len(mnist.test) == 10_000
     assert int(mnist.train.images.max()) == 255  # exact bytes recovered from byte/256
+
+
+def test_public_set_and_client_holdouts_are_disjoint_from_everything_else(tmp_path):
+    from dataclasses import replace
+
+    from components.data.layout import read_public
+
+    # Prepare: a public set D, and each client keeping a quarter of its shard apart
+    raw = indexed_raw()
+    settings = replace(SETTINGS, public_size=100, client_holdout=0.25)
+    # Execute
+    meta = prepare_data(settings, tmp_path, raw)
+    # Assert: clients, their holdouts, the few-shot set, D and the test set never share an image
+    fed = FederationData(tmp_path / "federation")
+    public = read_public(tmp_path)
+    assert public.shape == (100, 8, 8) and meta["federation"]["params"]["public_size"] == 100
+    public_ids = set((public[:, 0, 0].int() * 256 + public[:, 0, 1].int()).tolist())
+    few = image_ids(read_split(tmp_path / "server" / "few_shot.safetensors"))
+    groups = [public_ids, few] + [image_ids(fed.client(c)) for c in fed.client_ids()]
+    groups += [image_ids(fed.holdout(c)) for c in fed.client_ids()]
+    assert sum(len(g) for g in groups) == len(set().union(*groups)) == len(raw.train)
+    for cid in fed.client_ids():  # a holdout follows its client's own classes
+        held, kept = fed.holdout(cid), fed.client(cid)
+        assert set(held.labels.tolist()) <= set(kept.labels.tolist())
+        assert abs(len(held) - 0.25 * (len(held) + len(kept))) <= len(set(kept.labels.tolist()))
+
+
+def test_a_few_shot_federation_keeps_k_labelled_examples_per_class(tmp_path):
+    from dataclasses import replace
+
+    prepare_data(replace(SETTINGS, client_shots=3), tmp_path, indexed_raw())
+    fed = FederationData(tmp_path / "federation")
+    for cid in fed.client_ids():
+        counts = np.bincount(fed.client(cid).labels.numpy(), minlength=10)
+        assert counts.max() <= 3  # k shots per class at most (fewer where the client has fewer)
+        remainder = fed.holdout(cid)  # the unlabeled remainder, for evaluation on its own distribution
+        assert set(remainder.labels.tolist()) <= set(np.flatnonzero(counts).tolist())
+
+
+def test_data_prepared_without_the_new_settings_keeps_its_bytes(tmp_path):
+    # The default profiles' data versions must not change because the settings exist.
+    prepare_data(SETTINGS, tmp_path, indexed_raw())
+    meta = (tmp_path / "federation" / "meta.json").read_text()
+    assert "public_size" not in meta and "client_holdout" not in meta and "client_shots" not in meta
+    assert not (tmp_path / "federation" / "holdout").exists()

