@@ -158,12 +158,16 @@ class Tracker:
         model.load_state_dict(dict(state))
         model.eval()
         example = torch.zeros((2, *input_shape)).numpy()
+        # Created here so the model's artifacts live with this experiment (the fluent API
+        # would file it under the Default experiment, in ./mlruns of the caller's cwd).
+        logged = self.client.create_logged_model(self.experiment_id, name=artifact_name, source_run_id=run_id)
         info = mlflow.pytorch.log_model(
             model,
             name=artifact_name,
             input_example=example,
             pip_requirements=list(MODEL_PIP_REQUIREMENTS),
             run_id=run_id,
+            model_id=logged.model_id,
         )
         self._ensure_registered_model()
         version = self.client.create_model_version(
@@ -261,6 +265,31 @@ class Tracker:
         """A local copy of one artifact of a run."""
         folder = Path(tempfile.mkdtemp(prefix="fedforget-artifact-"))
         return Path(self.client.download_artifacts(run_id, artifact_path, str(folder)))
+
+    def _model_artifacts(self, version: str) -> Any:
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        found = self.version(version)
+        if found is None or not found.source.startswith("models:/"):
+            return None
+        logged = self.client.get_logged_model(found.source.split("/", 1)[1].lstrip("/"))
+        return get_artifact_repository(logged.artifact_location)
+
+    def model_artifacts(self, version: str) -> list[str]:
+        """The files of a version's logged model (empty once its weights are retired)."""
+        repo = self._model_artifacts(version)
+        return [] if repo is None else [f.path for f in repo.list_artifacts()]
+
+    def retire_weights(self, version: str) -> list[str]:
+        """Delete a version's model artifacts, keeping its registry entry, tags and lineage.
+
+        Returns the artifact paths that were deleted (none if already retired).
+        """
+        repo = self._model_artifacts(version)
+        paths = [] if repo is None else [f.path for f in repo.list_artifacts()]
+        if paths:
+            repo.delete_artifacts()
+        return paths
 
     def set_version_tag(self, version: str, key: str, value: str) -> None:
         self.client.set_model_version_tag(self.registry.model_name, version, key, value)

@@ -36,13 +36,16 @@ from components.lineage.manifests import Manifest, UnlearningManifest
 from components.lineage.store import open_store
 from components.lineage.tags import (
     CONTAINS_TAG,
+    RETIRED_TAG,
+    TEACHER_TAINT_TAG,
     manifest_ref_from_tags,
     unlearned_version_tags,
     unlearning_run_tags,
 )
 from components.models.students import ModelSpec, build_model
 from components.unlearning.forget import forget_client, new_request_id
-from components.unlearning.guard import check_clean
+from components.unlearning.guard import check_clean, present_clients
+from components.unlearning.retire import delete_retired_states, read_retirement, tainted_states, write_retirement
 from components.unlearning.tombstones import (
     delete_objects,
     list_client_objects,
@@ -112,23 +115,53 @@ def register_task(
     return version
 
 
-@task(name="flag-versions", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
-def flag_versions_task(tracker: Tracker, store_url: str, client_id: str, skip: str) -> list[str]:
-    """Tag every version whose lineage still contains the client."""
-    history = UpdateHistory(open_store(store_url))
-    flagged = []
+def tainted_versions(tracker: Tracker, history: UpdateHistory, client_id: str, skip: str | None) -> list[VersionInfo]:
+    """Registered versions whose lineage (replayed from the manifests) still holds the client."""
+    found = []
     for version in tracker.versions():
         if version.version == skip or "manifest_key" not in version.tags:
             continue
         try:
-            manifest = history.read_manifest(manifest_ref_from_tags(version.tags))
-        except Exception:  # a broken reference is the audit's finding, not a reason to stop
+            present = present_clients(history, manifest_ref_from_tags(version.tags))
+        except Exception:
             continue
-        if client_id in manifest.sums:
-            present = set(filter(None, version.tags.get(CONTAINS_TAG, "").split(",")))
-            tracker.set_version_tag(version.version, CONTAINS_TAG, ",".join(sorted(present | {client_id})))
-            flagged.append(version.version)
+        if client_id in present:
+            found.append(version)
+    return found
+
+
+@task(name="flag-versions", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def flag_versions_task(tracker: Tracker, store_url: str, client_id: str, skip: str) -> list[str]:
+    """Tag every version whose lineage still contains the client."""
+    flagged = []
+    for version in tainted_versions(tracker, UpdateHistory(open_store(store_url)), client_id, skip):
+        present = set(filter(None, version.tags.get(CONTAINS_TAG, "").split(",")))
+        tracker.set_version_tag(version.version, CONTAINS_TAG, ",".join(sorted(present | {client_id})))
+        flagged.append(version.version)
     return flagged
+
+
+@task(name="retire-tainted", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=2)
+def retire_task(tracker: Tracker, store_url: str, client_id: str, request_id: str, mode: str, skip: str) -> list[str]:
+    """``delete-weights``: delete the weights of every version that still holds the client (idempotent)."""
+    if mode != "delete-weights":
+        return []
+    store = open_store(store_url)
+    history = UpdateHistory(store)
+    record = read_retirement(store, request_id)
+    if record is None:  # the record first, then the deletes: a crash in between is finished by the next run
+        versions = tainted_versions(tracker, history, client_id, skip)
+        states = tainted_states(history, [manifest_ref_from_tags(v.tags) for v in versions], client_id)
+        record = write_retirement(
+            store, request_id=request_id, client_id=client_id, versions=[v.version for v in versions], states=states
+        )
+    delete_retired_states(store, record)
+    for version in record["versions"]:
+        tracker.retire_weights(version)
+        tracker.set_version_tag(
+            version, RETIRED_TAG, f"weights deleted: its lineage holds {client_id}, forgotten by request {request_id}"
+        )
+    return list(record["versions"])
 
 
 @task(name="tombstone-and-purge", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=2)
@@ -162,15 +195,17 @@ def purge_leftovers_task(store_url: str, client_id: str) -> int:
 
 
 def _finalise(
-    tracker: Tracker, store_url: str, version: VersionInfo, client_id: str, reason: str | None
+    tracker: Tracker, store_url: str, version: VersionInfo, client_id: str, reason: str | None, retire: str
 ) -> dict[str, Any]:
     """Finish a deletion whose version is registered (after a crash, or just now)."""
     flagged = flag_versions_task(tracker, store_url, client_id, version.version)
+    request_id = version.tags["request_id"]
     done = tombstone_task(
-        store_url, client_id, version.tags["request_id"], version.tags["source_version"],
+        store_url, client_id, request_id, version.tags["source_version"],
         version.version, version.tags["forgetting_variant"], manifest_ref_from_tags(version.tags), reason,
     )  # fmt: skip
-    return {"flagged_versions": flagged, **done}
+    retired = retire_task(tracker, store_url, client_id, request_id, retire, version.version)
+    return {"flagged_versions": flagged, "retired_versions": retired, **done}
 
 
 @flow(name="unlearn")
@@ -202,6 +237,13 @@ def unlearn(
     request_id = validate_id(request_id, "request id") if request_id else new_request_id()
     runtime = Runtime.from_env(project)
     config = load_config(runtime.params_path, profile, dict(overrides or {}))
+    if config.unlearn.teacher == "global-model" and not config.unlearn.force_teacher:
+        raise UnlearningError(
+            f"unlearn.teacher=global-model distils from the version that still contains {client_id}, so it can "
+            "put the client back: use clip (default) or none. To run it anyway (a literature baseline), force it "
+            "with --force-teacher: the new version is then tagged teacher_contains_forgotten_client=true and "
+            "audits flag it. Nothing changed."
+        )
     with model_write_lock(config, runtime):  # after any retraining in progress, on the model it produced
         return _unlearn(runtime, config, client_id, version, request_id, profile, reason)
 
@@ -221,13 +263,17 @@ def _unlearn(
     tombstone = read_tombstone(store, client_id)
     if tombstone is not None:
         leftovers = purge_leftovers_task(store_url, client_id)
+        retired = retire_task(
+            tracker, store_url, client_id, tombstone["request_id"], config.unlearn.retire_tainted,
+            tombstone["resulting_version"],
+        )  # fmt: skip
         logger.info("client %s was already forgotten by request %s", client_id, tombstone["request_id"])
         return {"status": "already_forgotten", "client_id": client_id, "version": tombstone["resulting_version"],
-                "request_id": tombstone["request_id"], "purged_leftovers": leftovers}  # fmt: skip
+                "request_id": tombstone["request_id"], "purged_leftovers": leftovers, "retired_versions": retired}  # fmt: skip
     done = tracker.find_versions(kind="unlearned", forgotten_client=client_id)
     if done:
         logger.warning("finishing the deletion of %s registered as version %s", client_id, done[-1].version)
-        extra = _finalise(tracker, store_url, done[-1], client_id, reason)
+        extra = _finalise(tracker, store_url, done[-1], client_id, reason, config.unlearn.retire_tainted)
         return {"status": "completed", "client_id": client_id, "version": done[-1].version,
                 "request_id": done[-1].tags["request_id"], **extra}  # fmt: skip
     source = tracker.version(version) if version else tracker.alias()
@@ -319,11 +365,13 @@ def _unlearn(
             teacher=config.unlearn.teacher, teacher_run_id=teacher_run_id, data_version=server_version,
             server_round=source_manifest.server_round, manifest=manifest_ref, metrics=metrics,
         )  # fmt: skip
+        if config.unlearn.teacher == "global-model":
+            tags[TEACHER_TAINT_TAG] = "true"
         registered_version = register_task(tracker, run_id, spec, final_state, input_shape, tags)
         registered = time.perf_counter()
 
         # 8-10. Flag versions that still contain the client, tombstone, purge.
-        extra = _finalise(tracker, store_url, registered_version, client_id, reason)
+        extra = _finalise(tracker, store_url, registered_version, client_id, reason, config.unlearn.retire_tainted)
         finished = time.perf_counter()
         timings = {
             "validate_s": validated - started,

@@ -103,7 +103,7 @@ def test_audit_after_federate_and_unlearn(tiny_project, tmp_path):
     found = json.loads(tampered.stdout[tampered.stdout.index("{") :])["findings"]
     assert [f["kind"] for f in found] == ["object_mismatch"] and found[0]["key"] == target
     # ... so is a deleted (not purged) object, and a tag that points nowhere
-    store.delete(manifest.global_state.key)
+    store.delete(manifest.base.key)  # the initial model (the retired global states are explained, not missing)
     tracker.set_version_tag("1", "manifest_key", "federations/nowhere/manifest.json")
     broken = runner.invoke(app, ["audit", "--version", "1", "--json"])
     assert broken.exit_code == 3

@@ -100,3 +100,63 @@ def test_the_gate_never_promotes_a_tainted_candidate_and_replaces_a_tainted_cham
     )  # fmt: skip
     assert result["promotion"]["promoted"] and result["promotion"]["champion_tainted"]
     assert tracker.alias().version == result["final_version"]
+
+
+def test_delete_weights_retires_every_tainted_version_and_the_audit_says_so(forgotten):
+    from components.audit.audit import audit
+    from components.unlearning.retire import read_retirements
+    from flows.unlearn import unlearn
+
+    tracker, store, history = context(forgotten)
+    # Assert: versions 1 and 2 (which hold client_01) lost their weights, not their entries or tags
+    assert [v.version for v in tracker.versions()] == ["1", "2", "3"]
+    for number in ("1", "2"):
+        version = tracker.version(number)
+        assert "client_01" in version.tags["retired"] and version.tags["contains_forgotten_clients"] == "client_01"
+        assert tracker.model_artifacts(number) == []  # the registry's copy of the weights is gone
+        manifest = history.read_manifest(manifest_ref_from_tags(version.tags))
+        assert not store.exists(manifest.global_state.key)  # the archived state that embeds the client
+    assert "MLmodel" in tracker.model_artifacts("3")  # the unlearned version keeps its weights
+    (record,) = read_retirements(store)
+    assert record["versions"] == ["1", "2"] and all(len(s["sha256"]) == 64 for s in record["states"])
+    # the audit of the source reports its states as retired, not missing; the client as present
+    index = {v.tags["manifest_key"]: {**v.tags, "_version": v.version} for v in tracker.versions()}
+    report = audit(store, "2", tracker.version("2").tags, index, client="client_01")
+    assert report.findings == [] and report.client_present and report.retired_versions == ["1", "2"]
+    assert {c.status for c in report.objects} == {"ok", "purged", "retired"}
+    # a rerun is a no-op that finds nothing left to retire
+    again = unlearn(client_id="client_01", project=str(forgotten), overrides={"unlearn.teacher": "none"})
+    assert again["status"] == "already_forgotten" and again["retired_versions"] == ["1", "2"]
+
+
+def test_the_global_model_teacher_is_refused_unless_forced_and_then_flagged(forgotten):
+    from components.audit.audit import audit
+    from flows.unlearn import unlearn
+
+    tracker, store, _ = context(forgotten)
+    before = snapshot(tracker, store)
+    with pytest.raises(ValueError, match="global-model distils from the version that still contains client_02"):
+        unlearn(client_id="client_02", project=str(forgotten), overrides={"unlearn.teacher": "global-model"})
+    assert snapshot(tracker, store) == before
+    forced = unlearn(
+        client_id="client_02", project=str(forgotten),
+        overrides={"unlearn.teacher": "global-model", "unlearn.force_teacher": True, "distill.epochs": 1},
+    )  # fmt: skip
+    version = tracker.version(forced["version"])
+    assert version.tags["teacher_contains_forgotten_client"] == "true"
+    index = {v.tags["manifest_key"]: {**v.tags, "_version": v.version} for v in tracker.versions()}
+    report = audit(store, version.version, version.tags, index)
+    assert [f.kind for f in report.findings] == ["tainted_teacher"]
+
+
+def test_tag_mode_keeps_the_weights(tiny_project):
+    from flows.federate import run_federate
+    from flows.unlearn import unlearn
+
+    run_federate(project=str(tiny_project), rounds=1, overrides={"federate.prefit_teacher": False})
+    unlearn(client_id="client_00", project=str(tiny_project),
+            overrides={"unlearn.teacher": "none", "unlearn.retire_tainted": "tag"})  # fmt: skip
+    tracker, store, history = context(tiny_project)
+    first = tracker.version("1")
+    assert "retired" not in first.tags and first.tags["contains_forgotten_clients"] == "client_00"
+    assert store.exists(history.read_manifest(manifest_ref_from_tags(first.tags)).global_state.key)

@@ -27,6 +27,7 @@ from components.lineage.history import manifest_objects
 from components.lineage.manifests import Manifest, RoundManifest, UnlearningManifest, manifest_from_bytes
 from components.lineage.store import ObjectNotFound, ObjectStore, StoreError
 from components.lineage.tags import expected_version_tags
+from components.unlearning.retire import read_retirements
 from components.unlearning.tombstones import read_tombstone, tombstoned_clients
 
 REPORT_SCHEMA = "fedforget/audit-report@1"
@@ -39,10 +40,10 @@ class ObjectCheck:
     what: str
     key: str
     sha256: str
-    status: str  # ok | mismatch | missing | purged
+    status: str  # ok | mismatch | missing | purged | retired
     actual_sha256: str | None = None
-    purged_by: str | None = None  # request id of the deletion that purged it
-    tombstone_sha256: str | None = None  # the hash the tombstone recorded for it
+    purged_by: str | None = None  # request id of the deletion that purged (or retired) it
+    tombstone_sha256: str | None = None  # the hash the tombstone (or retirement record) recorded for it
 
 
 @dataclass
@@ -66,7 +67,9 @@ class Node:
 
 @dataclass
 class Finding:
-    kind: str  # object_missing | object_mismatch | manifest_unreadable | tag_mismatch | index_mismatch
+    kind: (
+        str  # object_missing | object_mismatch | manifest_unreadable | tag_mismatch | index_mismatch | tainted_teacher
+    )
     message: str
     key: str | None = None
 
@@ -80,6 +83,7 @@ class AuditReport:
     objects: list[ObjectCheck]
     findings: list[Finding]
     tombstoned_clients: list[str]
+    retired_versions: list[str] = field(default_factory=list)  # versions whose weights a deletion removed
     client: str | None = None
     client_present: bool | None = None
     generated_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
@@ -131,10 +135,12 @@ class AuditReport:
             "lineage": [asdict(n) for n in self.nodes],
             "deletions": self.deletions,
             "flagged_versions": self.flagged_versions,
+            "retired_versions": self.retired_versions,
             "objects": {
                 "checked": len(self.objects),
                 "ok": counts.get("ok", 0),
                 "purged": counts.get("purged", 0),
+                "retired": counts.get("retired", 0),
                 "missing": counts.get("missing", 0),
                 "mismatch": counts.get("mismatch", 0),
                 "items": [asdict(c) for c in self.objects],
@@ -161,15 +167,19 @@ def read_tombstones(store: ObjectStore) -> dict[str, dict[str, Any]]:
 
 class _Auditor:
     def __init__(self, store: ObjectStore, versions_by_manifest: Mapping[str, Mapping[str, str]],
-                 tombstones: Mapping[str, Mapping[str, Any]]) -> None:  # fmt: skip
+                 tombstones: Mapping[str, Mapping[str, Any]], retirements: list[Mapping[str, Any]]) -> None:  # fmt: skip
         self.store = store
         self.versions = versions_by_manifest
         self.tombstones = tombstones
-        self.purged = {
-            p["key"]: (client, record.get("request_id"), p["sha256"])
-            for client, record in tombstones.items()
+        # Deletions a record explains: key -> (status, request id, the hash recorded before deleting).
+        self.explained = {
+            p["key"]: ("purged", record.get("request_id"), p["sha256"])
+            for record in tombstones.values()
             for p in record.get("purged", [])
         }
+        for record in retirements:
+            for state in record.get("states", []):
+                self.explained.setdefault(state["key"], ("retired", record.get("request_id"), state["sha256"]))
         self.checked: dict[str, ObjectCheck] = {}
         self.findings: list[Finding] = []
 
@@ -179,20 +189,22 @@ class _Auditor:
         try:
             actual = sha256_bytes(self.store.get(ref.key))
         except ObjectNotFound:
-            purged = self.purged.get(ref.key)
-            if purged is not None:
-                _, request_id, tomb_sha = purged
-                check = ObjectCheck(
-                    what, ref.key, ref.sha256, "purged", purged_by=request_id, tombstone_sha256=tomb_sha
-                )
-                if tomb_sha != ref.sha256:
+            explained = self.explained.get(ref.key)
+            if explained is not None:
+                status, request_id, recorded = explained
+                check = ObjectCheck(what, ref.key, ref.sha256, status, purged_by=request_id, tombstone_sha256=recorded)
+                if recorded != ref.sha256:
                     self.findings.append(Finding(
-                        "object_mismatch", f"{what}: the tombstone recorded sha256 {tomb_sha[:12]}..., "
+                        "object_mismatch", f"{what}: the {status} record has sha256 {recorded[:12]}..., "
                         f"the manifest {ref.sha256[:12]}...", ref.key))  # fmt: skip
             else:
                 check = ObjectCheck(what, ref.key, ref.sha256, "missing")
                 self.findings.append(
-                    Finding("object_missing", f"{what}: {ref.key} is missing and no tombstone explains it", ref.key)
+                    Finding(
+                        "object_missing",
+                        f"{what}: {ref.key} is missing and no tombstone or retirement record explains it",
+                        ref.key,
+                    )
                 )
             self.checked[ref.key] = check
             return
@@ -255,10 +267,12 @@ def audit(
     its tags (plus ``_version``), so manifests can be named by version.
     """
     tombstones = read_tombstones(store)
-    auditor = _Auditor(store, versions_by_manifest, tombstones)
+    retirements = read_retirements(store)
+    auditor = _Auditor(store, versions_by_manifest, tombstones, retirements)
     kind = tags.get("kind", "?")
     key, sha = tags.get("manifest_key"), tags.get("manifest_sha256")
-    report = AuditReport(version, kind, key or "", [], [], auditor.findings, sorted(tombstones), client)
+    retired = sorted({v for r in retirements for v in r.get("versions", [])}, key=int)
+    report = AuditReport(version, kind, key or "", [], [], auditor.findings, sorted(tombstones), retired, client)
     if not key or not sha:
         auditor.findings.append(Finding("tag_mismatch", f"version {version} has no manifest_key/manifest_sha256 tag"))
         report.objects = list(auditor.checked.values())
@@ -303,6 +317,11 @@ def audit(
                 "teacher_run_id": manifest.recovery.get("teacher_run_id"),
                 "data_version": manifest.data_version,
             }
+            if manifest.recovery.get("teacher") == "global-model":
+                auditor.findings.append(Finding(
+                    "tainted_teacher", f"the deletion of {manifest.forgotten_client} (request {manifest.request_id}) "
+                    f"restored quality by distilling from version {manifest.source_version}, which still contained "
+                    f"{manifest.forgotten_client}", ref.key))  # fmt: skip
         else:
             node.clients = [
                 {"client_id": c.client_id, "num_examples": c.num_examples, "weight": c.weight} for c in manifest.clients
@@ -319,7 +338,7 @@ def audit(
         node.present_clients = sorted(present)
         node.contains_forgotten_clients = sorted(present & set(tombstones))
 
-    if chain:
+    if chain and (chain[0][1].sums or chain[0][1].protocol.get("name") == "weights"):
         index = set(chain[0][1].sums)
         if index != present:
             auditor.findings.append(Finding(

@@ -94,6 +94,9 @@ class UnlearnConfig(Section):
 
     variant: Literal["subtract", "renormalise"] = "subtract"
     teacher: Literal["clip", "global-model", "none"] = "clip"
+    # global-model saw the client: refused unless forced (the version is then tagged and flagged)
+    force_teacher: bool = False
+    retire_tainted: Literal["tag", "delete-weights"] = "delete-weights"
     seed: int = 0
 
 

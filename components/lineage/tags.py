@@ -27,6 +27,8 @@ GLOBAL_TAG_KEYS = (
 # Flags set on versions after the fact.
 CONTAINS_TAG = "contains_forgotten_clients"  # the version's lineage holds these (tombstoned) clients
 REJECTED_TAG = "rejected"  # the evaluation gate refused to promote it (the reason)
+RETIRED_TAG = "retired"  # its weights were deleted because its lineage holds a forgotten client
+TEACHER_TAINT_TAG = "teacher_contains_forgotten_client"  # recovered with a teacher that saw the client
 
 
 def global_version_tags(

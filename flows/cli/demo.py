@@ -40,8 +40,9 @@ def demo(verbose: VerboseOpt = False) -> None:
     )
     out.print(
         f"   {target}: {result['purged']} archived objects purged, tombstone written, "
-        f"versions {', '.join(result['flagged_versions'])} tagged contains_forgotten_clients; "
-        f"champion -> version {result['version']}"
+        f"versions {', '.join(result['flagged_versions'])} tagged contains_forgotten_clients"
+        + (" and their weights retired" if result.get("retired_versions") else "")
+        + f"; champion -> version {result['version']}"
     )
     from flows.audit import audit_flow
 
@@ -51,7 +52,8 @@ def demo(verbose: VerboseOpt = False) -> None:
         f"4. audit of version {report['version']}: {target} "
         f"{'[red]PRESENT[/red]' if report['client']['present'] else '[green]absent[/green]'}; "
         f"{report['objects']['checked']} archived objects checked ({report['objects']['ok']} ok, "
-        f"{report['objects']['purged']} purged by the deletion), {len(report['findings'])} findings"
+        f"{report['objects']['purged']} purged, {report['objects']['retired']} retired by the deletion), "
+        f"{len(report['findings'])} findings"
     )
     out.rule("where to look")
     from components.config.runtime import Runtime

@@ -68,7 +68,8 @@ def print_audit(report: dict[str, Any], result: dict[str, Any]) -> None:
     out.print(table)
     o = report["objects"]
     out.print(
-        f"objects: {o['checked']} checked, {o['ok']} ok, {o['purged']} purged, {o['missing']} missing, {o['mismatch']} changed"
+        f"objects: {o['checked']} checked, {o['ok']} ok, {o['purged']} purged, {o['retired']} retired, "
+        f"{o['missing']} missing, {o['mismatch']} changed"
     )
     for finding in report["findings"]:
         out.print(f"[red]finding[/red] {finding['kind']}: {finding['message']}")

@@ -87,7 +87,12 @@ def unlearn(
     client: Annotated[str, typer.Option("--client", "-c", help="the client to forget")],
     version: Annotated[str | None, typer.Option(help="registered version to unlearn from (default: champion)")] = None,
     variant: Annotated[str | None, typer.Option(help="subtract (default) or renormalise")] = None,
-    teacher: Annotated[str | None, typer.Option(help="clip (default), global-model or none")] = None,
+    teacher: Annotated[
+        str | None, typer.Option(help="clip (default) or none; global-model needs --force-teacher")
+    ] = None,
+    force_teacher: Annotated[
+        bool, typer.Option(help="allow the global-model teacher, which saw the client (the version is flagged)")
+    ] = False,
     request_id: Annotated[str | None, typer.Option(help="id of the deletion request (generated if absent)")] = None,
     reason: Annotated[str | None, typer.Option(help="kept in the tombstone, e.g. a ticket id")] = None,
     profile: ProfileOpt = "default",
@@ -97,7 +102,9 @@ def unlearn(
 ) -> None:
     """Forget a client: subtract its contributions, distil from the teacher, register, purge."""
     quiet(verbose)
-    overrides = overrides_from(set_, {"unlearn.variant": variant, "unlearn.teacher": teacher})
+    overrides = overrides_from(
+        set_, {"unlearn.variant": variant, "unlearn.teacher": teacher, "unlearn.force_teacher": force_teacher or None}
+    )
     result = run_verb(run_unlearn, client, version, request_id, profile, overrides, reason)
     if json_out:
         out.print_json(json.dumps(result))

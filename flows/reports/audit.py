@@ -45,7 +45,10 @@ def render_markdown(report: AuditReport, graph_file: str | None = "lineage.png")
         f"- Clients whose contributions are in this version: {', '.join(report.present_clients) or 'none'}",
         f"- Forgotten (tombstoned) clients in the store: {', '.join(report.tombstoned_clients) or 'none'}",
         f"- Archived objects checked: {data['objects']['checked']} (ok {data['objects']['ok']}, purged "
-        f"{data['objects']['purged']}, missing {data['objects']['missing']}, changed {data['objects']['mismatch']})",
+        f"{data['objects']['purged']}, retired {data['objects']['retired']}, missing {data['objects']['missing']}, "
+        f"changed {data['objects']['mismatch']})",
+        f"- Retired versions (weights deleted because their lineage holds a forgotten client): "
+        f"{', '.join(report.retired_versions) or 'none'}",
         "",
     ]
     if graph_file:
@@ -86,18 +89,19 @@ def render_markdown(report: AuditReport, graph_file: str | None = "lineage.png")
         lines.append("None in this lineage.")
     lines += ["", "## Findings", ""]
     lines += [f"- **{f.kind}**: {f.message}" for f in report.findings] or ["None."]
-    purged = [c for c in report.objects if c.status == "purged"]
-    if purged:
-        lines += [
-            "",
-            "## Purged objects (by deletion requests)",
-            "",
-            "| object | recorded sha256 | tombstone sha256 | request |",
-            "|---|---|---|---|",
-        ]
-        lines += [
-            f"| {c.key} | {_short(c.sha256, 16)} | {_short(c.tombstone_sha256, 16)} | {c.purged_by} |" for c in purged
-        ]
+    for status, title in (("purged", "Purged objects (by deletion requests)"), ("retired", "Retired states")):
+        gone = [c for c in report.objects if c.status == status]
+        if gone:
+            lines += [
+                "",
+                f"## {title}",
+                "",
+                "| object | recorded sha256 | record's sha256 | request |",
+                "|---|---|---|---|",
+            ]
+            lines += [
+                f"| {c.key} | {_short(c.sha256, 16)} | {_short(c.tombstone_sha256, 16)} | {c.purged_by} |" for c in gone
+            ]
     return "\n".join(lines) + "\n"
 
 
