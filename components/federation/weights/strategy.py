@@ -12,6 +12,7 @@ distillation-based strategies subclass :class:`Strategy` (or :class:`FedAvg`).
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -147,8 +148,24 @@ class FedAvg(Strategy):
         return {"name": self.name, "clients_per_round": self.clients_per_round}
 
 
+# Modules whose strategies register themselves on import (they import this module,
+# so they are loaded on first use rather than at import time).
+BUILTIN_STRATEGY_MODULES = (
+    "components.federation.weights.robust",
+    "components.federation.weights.credit",
+    "components.federation.weights.privacy",
+)
+
+
+def available_strategies() -> list[str]:
+    for module in BUILTIN_STRATEGY_MODULES:
+        importlib.import_module(module)
+    return sorted(STRATEGIES)
+
+
 def build_strategy(name: str, **kwargs: Any) -> Strategy:
     """Instantiate a registered strategy by name."""
+    available_strategies()
     try:
         cls = STRATEGIES[name]
     except KeyError:
