@@ -56,6 +56,11 @@ def settings_for(config: Config) -> EvaluationSettings:
         mia_examples=ev.mia_examples,
         max_workers=ev.max_workers,
         federate_seed=config.federate.seed,
+        clients_per_round=ev.clients_per_round,
+        deletions=ev.deletions,
+        mia_shadows=ev.mia_shadows,
+        target_max_examples=ev.target_max_examples,
+        target_local_epochs=ev.target_local_epochs,
     )
 
 
@@ -132,6 +137,11 @@ def evaluate_flow(
             "backdoor_fraction": config.evaluate.backdoor_fraction,
             "backdoor_target_class": config.evaluate.backdoor_target_class,
             "trigger_size": config.evaluate.trigger_size,
+            "clients_per_round": config.evaluate.clients_per_round,
+            "deletions": config.evaluate.deletions,
+            "mia_shadows": config.evaluate.mia_shadows,
+            "target_max_examples": config.evaluate.target_max_examples,
+            "target_local_epochs": config.evaluate.target_local_epochs,
             "teacher_preset": config.teacher.preset,
             "teacher": asdict(settings.teacher),
             "distill": config.distill.model_dump(),

@@ -121,15 +121,59 @@ def test_quick_evaluation_produces_the_table_plots_and_finite_numbers(tmp_path, 
         "Original",
         "Retrain",
         "Subtract only",
-        "KD (global model)",
+        "KD (global model",
         "KD (CLIP-Adapter)",
+        "fine-tune on few-shot labels (no teacher)",
+        "Renormalise",
         "backdoor ASR",
         "MIA AUC",
+        "LiRA AUC",
+        "LiRA TPR at 1% FPR",
     ):
         assert label in table
     raw = json.loads((out / "results.json").read_text())
-    assert len(raw["seeds"]) == 2 and set(raw["summary"]) == {"original", "retrain", "subtract", "kd-global", "kd-clip"}
+    methods = {"original", "retrain", "subtract", "finetune", "kd-global", "kd-clip", "renormalise"}
+    assert len(raw["seeds"]) == 2 and set(raw["summary"]) == methods
+    assert all("lira_auc" in raw["summary"][m] for m in methods)  # the quick profile runs 2 shadow federations
     assert raw["summary"]["retrain"]["l2_to_retrain"]["mean"] == 0.0
     assert raw["summary"]["original"]["backdoor_asr"]["mean"] > raw["summary"]["retrain"]["backdoor_asr"]["mean"]
     for png in ("metrics.png", "accuracy_per_round.png"):
         assert (out / png).stat().st_size > 10_000
+
+
+def test_lira_separates_members_when_the_target_model_memorised_them():
+    # Prepare: a tiny model trained to memorise 40 "members"; OUT shadows never saw them
+    from components.data.datasets import Split
+    from components.evaluation.membership import attack_metrics, lira, lira_scores
+    from components.learning.train import TrainSettings, train_client
+    from components.models.students import ModelSpec, build_model
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (200, 8, 8), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 10, (200,), generator=g)  # random labels: only memorisation fits them
+    members, non_members, pool = (
+        Split(images[:40], labels[:40]),
+        Split(images[40:80], labels[40:80]),
+        Split(images[80:], labels[80:]),
+    )
+    spec = ModelSpec("mlp", {"num_classes": 10, "image_size": 8, "hidden": 64})
+    settings = TrainSettings(local_epochs=60, batch_size=20, lr=0.1, momentum=0.9)
+
+    def trained(data: Split, seed: int):
+        torch.manual_seed(seed)
+        model = build_model(spec)
+        train_client(model, data, settings, torch.Generator().manual_seed(seed))
+        return model
+
+    target = trained(Split(torch.cat([members.images, pool.images]), torch.cat([members.labels, pool.labels])), 1)
+    shadows = [trained(pool, seed) for seed in (2, 3, 4)]
+    # Execute
+    attack = lira(target, shadows, members, non_members)
+    blind = lira(shadows[0], shadows[1:], members, non_members)  # a model that saw neither set
+    # Assert: power on the memorising model, none on an OUT model
+    assert attack["auc"] > 0.9 and attack["tpr_at_1fpr"] > 0.2
+    assert 0.3 < blind["auc"] < 0.7
+    # the score is a z-score against the OUT distribution
+    scores = lira_scores(np.array([3.0, 1.0]), np.array([[1.0, 1.0], [1.0, 1.0]]), spread=2.0)
+    assert scores.tolist() == [1.0, 0.0]
+    assert attack_metrics(np.array([2.0, 3.0]), np.array([0.0, 1.0]))["auc"] == 1.0

@@ -156,6 +156,18 @@ class EvaluateConfig(Section):
     trigger_size: int = Field(3, ge=1)
     mia_examples: int = Field(500, ge=10)
     max_workers: int = Field(2, ge=1)
+    clients_per_round: int | None = Field(None, ge=1)  # partial participation
+    deletions: int = Field(1, ge=1)  # forget this many clients one after another (largest first)
+    mia_shadows: int = Field(0, ge=0)  # shadow federations for LiRA (offline); 0 = off, else at least 2
+    target_max_examples: int | None = Field(None, ge=2)  # the detectable setting: a small target ...
+    target_local_epochs: int | None = Field(None, ge=1)  # ... trained for more local epochs
+
+    @field_validator("mia_shadows")
+    @classmethod
+    def _enough_shadows(cls, value: int) -> int:
+        if value == 1:
+            raise ValueError("mia_shadows must be 0 (off) or at least 2 (LiRA needs a spread of OUT models)")
+        return value
 
 
 class VerificationConfig(Section):

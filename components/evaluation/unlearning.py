@@ -30,6 +30,7 @@ from components.core.state import StateDict, l2_distance
 from components.data.datasets import RawDataset, Split
 from components.data.layout import FederationData, PrepareSettings, prepare_data, read_split
 from components.data.staging import stage_splits
+from components.evaluation.membership import lira
 from components.federation.protocol import Protocol
 from components.federation.rounds import Federation, run_round, thread_map
 from components.federation.weights.protocol import weight_protocol
@@ -80,6 +81,7 @@ def simulate_federation(
     max_workers: int = 2,
     on_round: Callable[[int, float], None] | None = None,
     protocol: Protocol | None = None,
+    client_train: Mapping[str, TrainSettings] | None = None,
 ) -> FederationRun:
     """Rounds of ``protocol`` (FedAvg weights by default) over ``shards`` minus ``exclude``.
 
@@ -96,6 +98,7 @@ def simulate_federation(
         federation_id=federation_id, history=history, store_url=history.store.url, model=spec, train=train,
         seed=seed, data_version="evaluation", shards=stage_splits(history.store, {c: shards[c] for c in clients}, federation_id),
         sizes={c: len(shards[c]) for c in clients},
+        client_train={c: t for c, t in (client_train or {}).items() if c in clients},
     )  # fmt: skip
     accuracy: list[float] = []
     threads = max(1, (os.cpu_count() or 1) // max_workers)
@@ -125,13 +128,15 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 # --------------------------------------------------------------------------- one seed of the benchmark
 
-METHODS = ("original", "retrain", "subtract", "kd-global", "kd-clip")
+METHODS = ("original", "retrain", "subtract", "finetune", "kd-global", "kd-clip", "renormalise")
 METHOD_LABELS = {
     "original": "Original (all clients)",
     "retrain": "Retrain without target",
     "subtract": "Subtract only",
-    "kd-global": "Subtract + KD (global model)",
+    "finetune": "Subtract + fine-tune on few-shot labels (no teacher)",
+    "kd-global": "Subtract + KD (global model; saw the client: baseline only)",
     "kd-clip": "Subtract + KD (CLIP-Adapter)",
+    "renormalise": "Renormalise + KD (CLIP-Adapter)",
 }
 
 
@@ -153,12 +158,17 @@ class EvaluationSettings:
     mia_examples: int
     max_workers: int
     federate_seed: int
+    clients_per_round: int | None = None  # partial participation (None: every client every round)
+    deletions: int = 1  # forget this many clients one after the other (the largest first)
+    mia_shadows: int = 0  # shadow federations for the calibrated attack (LiRA offline); 0 = off
+    target_max_examples: int | None = None  # the detectable setting: a small target client ...
+    target_local_epochs: int | None = None  # ... that trains for more local epochs
 
 
 def evaluate_seed(
     settings: EvaluationSettings, raw: RawDataset, seed: int, workdir: str | Path, log: Callable[[str], None] = print
 ) -> dict[str, Any]:
-    """Original, Retrain and the three unlearning methods for one seed, with all metrics."""
+    """Original, Retrain and every unlearning method for one seed, with all metrics."""
     root = Path(workdir) / f"seed-{seed}"
     data_settings = replace(settings.data, seed=settings.data.seed + seed)
     prepare_data(data_settings, root / "data", raw)
@@ -169,59 +179,46 @@ def evaluate_seed(
     few_shot = read_split(root / "data" / "server" / "few_shot.safetensors")
     rng = np.random.default_rng([seed, 7])
 
-    target = settings.target_client or max(fed.client_ids(), key=fed.num_examples)
+    by_size = sorted(fed.client_ids(), key=fed.num_examples, reverse=True)
+    target = settings.target_client or by_size[0]
     if target not in fed.client_ids():
         raise ValueError(f"target client {target!r} is not one of {fed.client_ids()}")
+    targets = [target, *[c for c in by_size if c != target][: settings.deletions - 1]]
     clean = fed.client(target)
+    if settings.target_max_examples is not None and settings.target_max_examples < len(clean):
+        clean = clean.subset(np.sort(rng.choice(len(clean), size=settings.target_max_examples, replace=False)))
     shards = {cid: fed.client(cid) for cid in fed.client_ids()}
     shards[target], poisoned_idx = poison(
         clean, settings.backdoor_fraction, settings.backdoor_target_class, settings.trigger_size, rng
     )
     history = UpdateHistory(LocalStore(root / "store"))
     fseed = settings.federate_seed + seed
+    client_train = {}
+    if settings.target_local_epochs is not None:
+        client_train[target] = replace(settings.train, local_epochs=settings.target_local_epochs)
+
+    def federation(name: str, exclude: Sequence[str], fed_seed: int) -> FederationRun:
+        protocol = weight_protocol("fedavg", clients_per_round=settings.clients_per_round)
+        return simulate_federation(
+            spec, shards, test, settings.train, settings.rounds, fed_seed, history, name, exclude=exclude,
+            max_workers=settings.max_workers, protocol=protocol, client_train=client_train,
+        )  # fmt: skip
 
     log(f"seed {seed}: original federation ({len(shards)} clients, {settings.rounds} rounds)")
-    original = simulate_federation(
-        spec,
-        shards,
-        test,
-        settings.train,
-        settings.rounds,
-        fseed,
-        history,
-        f"original-{seed}",
-        max_workers=settings.max_workers,
-    )
-    log(f"seed {seed}: retraining without {target}")
-    retrain = simulate_federation(
-        spec,
-        shards,
-        test,
-        settings.train,
-        settings.rounds,
-        fseed,
-        history,
-        f"retrain-{seed}",
-        exclude=[target],
-        max_workers=settings.max_workers,
-    )
+    original = federation(f"original-{seed}", (), fseed)
+    log(f"seed {seed}: retraining without {', '.join(targets)}")
+    retrain = federation(f"retrain-{seed}", targets, fseed)
 
     states: dict[str, StateDict] = {"original": original.state, "retrain": retrain.state}
     seconds: dict[str, float] = {"original": original.seconds, "retrain": retrain.seconds}
-    t0 = time.perf_counter()
-    manifest = history.read_manifest(original.manifest)
-    forgotten = forget_client(history, original.manifest, manifest, target).state
-    seconds["subtract"] = time.perf_counter() - t0
-    states["subtract"] = forgotten
 
-    def recover(logits: torch.Tensor) -> StateDict:
-        student = model_from_state(spec, forgotten)
-        distill(student, few_shot, logits, settings.distill, torch.Generator().manual_seed(seed))
+    def recover(state: StateDict, logits: torch.Tensor | None, beta: float | None = None) -> StateDict:
+        student = model_from_state(spec, state)
+        d = settings.distill if beta is None else replace(settings.distill, beta=beta)
+        if logits is None:  # no teacher: cross-entropy on the few-shot labels only
+            logits = torch.zeros(len(few_shot), len(meta["class_names"]))
+        distill(student, few_shot, logits, d, torch.Generator().manual_seed(seed))
         return {k: v.detach().clone() for k, v in student.state_dict().items()}
-
-    t0 = time.perf_counter()
-    states["kd-global"] = recover(teacher_logits_for(model_from_state(spec, original.state), few_shot.inputs()))
-    seconds["kd-global"] = seconds["subtract"] + time.perf_counter() - t0
 
     # The teacher depends on the few-shot data only: production fits it ahead (when a
     # federation ends) and keeps its few-shot logits with the teacher run, so a
@@ -234,14 +231,51 @@ def evaluate_seed(
     teacher_test = test.subset(range(min(settings.teacher_test_subset, len(test))))
     fitted = fit_teacher(settings.teacher, backbone, few_shot, meta["class_names"], teacher_test, cache)
     teacher_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    states["kd-clip"] = recover(teacher_logits(fitted, backbone, few_shot, cache))
-    seconds["kd-clip"] = seconds["subtract"] + time.perf_counter() - t0
+    clip_logits = teacher_logits(fitted, backbone, few_shot, cache)
+
+    # Each method forgets the targets one after another, as production would: every
+    # deletion starts from the previous one's result (its manifest chains the lineage).
+    def chain(
+        method: str, variant: str, recovery: Callable[[StateDict, StateDict], StateDict] | None
+    ) -> tuple[StateDict, float]:
+        ref, manifest = original.manifest, history.read_manifest(original.manifest)
+        source_state, elapsed = original.state, 0.0
+        for n, client in enumerate(targets):
+            t0 = time.perf_counter()
+            forgotten = forget_client(history, ref, manifest, client, variant)
+            final = forgotten.state if recovery is None else recovery(forgotten.state, source_state)
+            elapsed += time.perf_counter() - t0
+            if n + 1 < len(targets):
+                ref, manifest = history.commit_unlearning(
+                    request_id=f"eval-{method}-{seed}-{n}", client_id=client, variant=variant,
+                    source=ref, source_version=str(n), source_manifest=manifest, removed=forgotten.removed,
+                    forgotten_state=forgotten.state, final_state=final, new_sums=forgotten.new_sums,
+                    round_scales=forgotten.round_scales, recovery={}, data_version="evaluation", metrics={},
+                )  # fmt: skip
+            source_state = final
+        return final, elapsed
+
+    def global_teacher(state: StateDict, source: StateDict) -> StateDict:
+        return recover(state, teacher_logits_for(model_from_state(spec, source), few_shot.inputs()))
+
+    recoveries = {
+        "subtract": ("subtract", None),
+        "finetune": ("subtract", lambda state, _: recover(state, None, beta=0.0)),
+        "kd-global": ("subtract", global_teacher),
+        "kd-clip": ("subtract", lambda state, _: recover(state, clip_logits)),
+        "renormalise": ("renormalise", lambda state, _: recover(state, clip_logits)),
+    }
+    for method, (variant, recovery) in recoveries.items():
+        states[method], seconds[method] = chain(method, variant, recovery)
 
     members_idx = np.setdiff1d(np.arange(len(clean)), poisoned_idx)
     members = clean.subset(members_idx[rng.permutation(len(members_idx))[: settings.mia_examples]])
     non_members = class_matched_sample(test, members.labels, len(members), rng)
     models = {name: model_from_state(spec, state) for name, state in states.items()}
+    shadows = []
+    for k in range(settings.mia_shadows):  # OUT models: the same federation without the targets, other seeds
+        log(f"seed {seed}: shadow federation {k + 1}/{settings.mia_shadows} for the calibrated attack")
+        shadows.append(model_from_state(spec, federation(f"shadow-{seed}-{k}", targets, fseed + 1000 * (k + 1)).state))
 
     retrain_predictions = predictions(models["retrain"], test)  # once, not once per method
     metrics: dict[str, dict[str, float]] = {}
@@ -255,11 +289,15 @@ def evaluate_seed(
             "l2_to_retrain": l2_distance(states[name], states["retrain"]),
             "agreement_with_retrain": prediction_agreement(model, retrain_predictions, test),
             "seconds": seconds[name],
-            "speedup_vs_retrain": seconds["retrain"] / seconds[name],
+            "speedup_vs_retrain": seconds["retrain"] / max(seconds[name], 1e-9),
         }
+        if shadows:
+            attack = lira(model, shadows, members, non_members)
+            metrics[name] |= {"lira_auc": attack["auc"], "lira_tpr_at_1fpr": attack["tpr_at_1fpr"]}
     return {
         "seed": seed,
         "target_client": target,
+        "targets": targets,
         "target_examples": len(clean),
         "poisoned_examples": len(poisoned_idx),
         "mia_members": len(members),

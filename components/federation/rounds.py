@@ -77,6 +77,7 @@ class Federation:
     data_version: str
     shards: Mapping[str, ObjectRef]  # client id -> its shard in the store
     sizes: Mapping[str, int] = field(default_factory=dict)  # examples per client (scheduling only)
+    client_train: Mapping[str, TrainSettings] = field(default_factory=dict)  # per-client overrides of ``train``
     threads: int | None = None  # torch threads per client in a separate process
 
 
@@ -127,7 +128,7 @@ def run_round(
             base=head.state,
             upload_key=f"{prefix}updates/{cid}.safetensors",
             model=protocol.client_model(cid, federation.model),
-            train=federation.train,
+            train=federation.client_train.get(cid, federation.train),
             seed=client_seed(federation.seed, server_round, cid),
             threads=federation.threads,
             personal=head.personal.get(cid),

@@ -17,6 +17,8 @@ METRICS = {
     "backdoor_asr": ("backdoor ASR", "{:.4f}"),
     "mia_auc": ("MIA AUC", "{:.3f}"),
     "mia_advantage": ("MIA advantage", "{:.3f}"),
+    "lira_auc": ("LiRA AUC", "{:.3f}"),
+    "lira_tpr_at_1fpr": ("LiRA TPR at 1% FPR", "{:.3f}"),
     "l2_to_retrain": ("L2 to Retrain", "{:.3f}"),
     "agreement_with_retrain": ("agreement with Retrain", "{:.4f}"),
     "seconds": ("wall time (s)", "{:.2f}"),
@@ -30,6 +32,8 @@ def summarise(seeds: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, 
     for method in METHODS:
         out[method] = {}
         for metric in METRICS:
+            if metric not in seeds[0]["metrics"][method]:  # e.g. LiRA without shadow models
+                continue
             mean, std = mean_std([s["metrics"][method][metric] for s in seeds])
             out[method][metric] = {"mean": mean, "std": std}
     return out
@@ -52,14 +56,37 @@ def targets(
             ("... including a cold teacher fit", _ratio(cold_teacher_s, retrain_s), cold_teacher_s <= retrain_s / 50)
         )
     rows += [
-        ("test accuracy >= Retrain - 1.0 pt", f"{100 * (m['test_accuracy']['mean'] - r['test_accuracy']['mean']):+.2f} pt",
-         m["test_accuracy"]["mean"] >= r["test_accuracy"]["mean"] - 0.01),
+        ("test accuracy >= Retrain - 0.5 pt", f"{100 * (m['test_accuracy']['mean'] - r['test_accuracy']['mean']):+.2f} pt",
+         m["test_accuracy"]["mean"] >= r["test_accuracy"]["mean"] - 0.005),
         ("backdoor ASR <= Retrain + 1.0 pt", f"{100 * (m['backdoor_asr']['mean'] - r['backdoor_asr']['mean']):+.2f} pt",
          m["backdoor_asr"]["mean"] <= r["backdoor_asr"]["mean"] + 0.01),
         ("MIA advantage within noise of Retrain (2 sd)", f"{m['mia_advantage']['mean'] - r['mia_advantage']['mean']:+.3f} (2 sd {noise:.3f})",
          abs(m["mia_advantage"]["mean"] - r["mia_advantage"]["mean"]) <= noise),
     ]  # fmt: skip
+    if "lira_auc" in m:
+        o = summary["original"]
+        rows += [
+            ("calibrated attack has power: Original's LiRA AUC >= 0.60", f"{o['lira_auc']['mean']:.3f}",
+             o["lira_auc"]["mean"] >= 0.60),
+            ("unlearned LiRA AUC within 0.03 of Retrain's", f"{m['lira_auc']['mean'] - r['lira_auc']['mean']:+.3f}",
+             abs(m["lira_auc"]["mean"] - r["lira_auc"]["mean"]) <= 0.03),
+        ]  # fmt: skip
     return [{"target": t, "measured": v, "met": bool(ok)} for t, v, ok in rows]
+
+
+def _setting(cfg: dict[str, Any], seeds: Sequence[dict[str, Any]]) -> str:
+    """The run's setting in one sentence: participation, deletions, the membership attacks."""
+    parts = [
+        f"clients per round: {cfg.get('clients_per_round') or 'all'}",
+        f"deletions: {len(seeds[0].get('targets', [seeds[0]['target_client']]))} "
+        f"({', '.join(seeds[0].get('targets', [seeds[0]['target_client']]))} in seed {seeds[0]['seed']}), "
+        "each from the previous one's result; Retrain leaves all of them out",
+        f"target: {seeds[0]['target_examples']} examples"
+        + (f", {cfg['target_local_epochs']} local epochs" if cfg.get("target_local_epochs") else ""),
+        "MIA: loss threshold (Yeom et al.)"
+        + (f" and offline LiRA with {cfg['mia_shadows']} shadow federations" if cfg.get("mia_shadows") else ""),
+    ]
+    return "Setting: " + "; ".join(parts) + "."
 
 
 def _ratio(part: float, whole: float) -> str:
@@ -78,12 +105,18 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"relabelled to class {cfg['backdoor_target_class']}. Teacher: CLIP-Adapter, preset {cfg['teacher_preset']}. "
         f"Mean ± standard deviation over seeds.",
         "",
-        "| method | " + " | ".join(label for label, _ in METRICS.values()) + " |",
-        "|---|" + "---|" * len(METRICS),
+        _setting(cfg, result["seeds"]),
+        "",
+        "| method | "
+        + " | ".join(label for metric, (label, _) in METRICS.items() if metric in summary["original"])
+        + " |",
+        "|---|" + "---|" * len([m for m in METRICS if m in summary["original"]]),
     ]
     for method in METHODS:
         cells = []
         for metric, (_, fmt) in METRICS.items():
+            if metric not in summary[method]:
+                continue
             v = summary[method][metric]
             cells.append(f"{fmt.format(v['mean'])} ± {fmt.format(v['std']).rstrip('x')}")
         lines.append(f"| {METHOD_LABELS[method]} | " + " | ".join(cells) + " |")
@@ -112,9 +145,9 @@ def plot_metrics(result: dict[str, Any], path: str | Path) -> Path:
     from matplotlib import pyplot as plt
 
     summary = result["summary"]
-    shown = [m for m in METRICS if m != "speedup_vs_retrain"]
-    fig, axes = plt.subplots(2, 4, figsize=(15, 7))
-    colours = ["#4c72b0", "#55a868", "#c44e52", "#8172b2", "#dd8452"]
+    shown = [m for m in METRICS if m != "speedup_vs_retrain" and m in summary["original"]]
+    fig, axes = plt.subplots(2, (len(shown) + 1) // 2, figsize=(4 * ((len(shown) + 1) // 2), 7))
+    colours = ["#4c72b0", "#55a868", "#c44e52", "#937860", "#8172b2", "#dd8452", "#da8bc3"]
     for ax, metric in zip(axes.flat, shown):
         means = [summary[m][metric]["mean"] for m in METHODS]
         stds = [summary[m][metric]["std"] for m in METHODS]
