@@ -37,6 +37,7 @@ from components.lineage.store import open_store
 from components.lineage.tags import federation_run_tags, global_version_tags
 from components.models.students import ModelSpec, init_model
 from components.unlearning.tombstones import tombstoned_clients
+from flows.failpoints import failpoint
 from flows.locks import model_write_lock
 from flows.progress import report_progress
 from flows.promotion import collect_garbage_task, resume_head
@@ -178,6 +179,7 @@ def _federate(runtime: Runtime, config: Config, profile: str, fresh: bool, promo
         with build_task_runner(config) as runner, torch_threads(threads if in_threads else None):
             client_map = prefect_client_map(runner, protocol)
             for server_round in range(first, last + 1):
+                failpoint(f"federate:before-round:{server_round}")
                 result = run_round(
                     protocol, federation, head, base_state, server_state, available, rng, client_map, call
                 )
@@ -194,6 +196,7 @@ def _federate(runtime: Runtime, config: Config, profile: str, fresh: bool, promo
                     protocol=protocol.name,
                 )  # fmt: skip
                 tags["test_accuracy"] = f"{test['accuracy']:.6f}"
+                failpoint(f"federate:before-register:{server_round}")
                 version, register_s = _timed(
                     register_version_task, tracker, run_id, spec, result.state, input_shape, server_round, tags
                 )

@@ -54,6 +54,7 @@ from components.unlearning.tombstones import (
     write_tombstone,
 )
 from components.unlearning.verify import deletion_checks, model_from_state
+from flows.failpoints import failpoint
 from flows.locks import model_write_lock
 from flows.teacher import teacher_task
 from flows.tracking import Tracker, VersionInfo
@@ -342,6 +343,7 @@ def _unlearn(
         metrics |= {f"{k}_forgotten": v for k, v in after_forget.items()}
         metrics |= {f"{k}_after": v for k, v in after.items()}
 
+        failpoint("unlearn:after-distill")
         # 6. Archive the deletion (manifest last).
         recovery = {
             "teacher": config.unlearn.teacher,
@@ -358,6 +360,7 @@ def _unlearn(
         )  # fmt: skip
         archived = time.perf_counter()
 
+        failpoint("unlearn:before-register")
         # 7. Register the unlearned version and move champion.
         tags = unlearned_version_tags(
             client_id=client_id, request_id=request_id, source_version=source.version,

@@ -1,0 +1,43 @@
+"""Failpoints: named places where the fault-injection suite can stop a process on purpose.
+
+Inactive unless ``FEDFORGET_FAILPOINT`` names the point (``<point>=<action>``,
+several separated by ``;``). Actions:
+
+``kill``
+    SIGKILL this process at that point (a crash: no cleanup, no ``finally``).
+``pause:<path>``
+    Create ``<path>.reached``, then wait (up to 10 minutes) until ``<path>``
+    exists, so a harness can break something (stop a server) at exactly that
+    moment and then let the process go on.
+
+Production never sets the variable; each call costs one environment lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+ENV = "FEDFORGET_FAILPOINT"
+
+
+def failpoint(name: str) -> None:
+    """Act if ``FEDFORGET_FAILPOINT`` names ``name``; otherwise do nothing."""
+    spec = os.environ.get(ENV)
+    if not spec:
+        return
+    for item in spec.split(";"):
+        point, _, action = item.partition("=")
+        if point.strip() != name:
+            continue
+        action = action.strip()
+        if action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif action.startswith("pause:"):
+            gate = Path(action[len("pause:") :])
+            gate.with_name(gate.name + ".reached").touch()
+            deadline = time.monotonic() + 600
+            while not gate.exists() and time.monotonic() < deadline:
+                time.sleep(0.2)
