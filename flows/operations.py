@@ -62,7 +62,7 @@ def _mark_crashed(flow: Any, flow_run: Any, state: Any) -> None:
         runtime = Runtime.from_env(params.get("project"))
         book = RequestBook(open_store(runtime.store))
         book.move(params["request_id"], "failed", error=f"the flow run crashed: {state.message or state.name}")
-    except Exception:
+    except Exception:  # a hook must never raise
         pass
 
 
@@ -170,7 +170,7 @@ def emit_request(request: DeletionRequest, timeout_s: float = 10.0) -> bool:
             return False
         _done, not_done = EventsWorker.drain_all(timeout=timeout_s)
         return not not_done
-    except Exception:
+    except Exception:  # the request is filed; serve's sweep covers a lost event
         return False
 
 
@@ -257,20 +257,39 @@ def serve(
 
     _report_tainted_champion(config, runtime)
     dispatch = _dispatcher(config, runtime, profile)
-    if sweep:
+    interrupted = _interrupted_requests(runtime)
+    if sweep or interrupted:
 
         def sweeper() -> None:
             while True:
                 try:
-                    for request_id in sweep_pending(config, runtime, dispatch):
+                    while interrupted:  # started again once, before any sweep
+                        dispatch(interrupted[0])
+                        print(f"resumed request {interrupted.pop(0).request_id} (its run was interrupted)", flush=True)
+                    for request_id in sweep_pending(config, runtime, dispatch) if sweep else ():
                         print(f"sweep: started pending request {request_id} (its event was lost)", flush=True)
-                except Exception as exc:
+                except Exception as exc:  # keep sweeping; the next pass retries
                     print(f"sweep failed: {type(exc).__name__}: {exc}", flush=True)
                 time.sleep(ops.sweep_interval_s)
 
         threading.Thread(target=sweeper, name="fedforget-sweep", daemon=True).start()
     with _shared_api():
         prefect_serve(retrain, deletions)
+
+
+def _interrupted_requests(runtime: Runtime) -> list[DeletionRequest]:
+    """At start: requests still ``running``, whose run died with the serve that ran it (SIGKILL, power loss).
+
+    No hook marks such a run crashed, and the sweep starts only ``pending``
+    requests, so these would stay ``running`` for ever: serve starts them again.
+    Harmless if one is in fact still running elsewhere: the second run waits
+    for the model-write slot, then finds the client forgotten and reports it.
+    """
+    try:
+        return [r for r in RequestBook(open_store(runtime.store)).open_requests() if r.status == "running"]
+    except Exception as exc:  # serving must start; a later serve retries
+        print(f"could not read the running requests: {type(exc).__name__}: {exc}", flush=True)
+        return []
 
 
 def _report_tainted_champion(config: Config, runtime: Runtime) -> None:
@@ -283,7 +302,7 @@ def _report_tainted_champion(config: Config, runtime: Runtime) -> None:
             return
         store = open_store(runtime.store)
         tainted = forgotten_in(UpdateHistory(store), store, manifest_ref_from_tags(champion.tags))
-    except Exception as exc:
+    except Exception as exc:  # serving must start; the flows check again
         print(f"could not check {config.registry.champion_alias}'s lineage: {type(exc).__name__}: {exc}", flush=True)
         return
     if tainted:

@@ -100,7 +100,7 @@ def emit_tainted_event(model_name: str, version: str, clients: Sequence[str], al
             payload={"version": version, "alias": alias, "forgotten_clients": list(clients)},
         )
         EventsWorker.drain_all(timeout=5)  # the run is about to fail: send it now
-    except Exception:
+    except Exception:  # the refusal itself must not depend on the event bus
         pass
 
 

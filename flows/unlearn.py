@@ -124,7 +124,7 @@ def tainted_versions(tracker: Tracker, history: UpdateHistory, client_id: str, s
             continue
         try:
             present = present_clients(history, manifest_ref_from_tags(version.tags))
-        except Exception:
+        except Exception:  # a broken reference is the audit's finding, not a reason to stop
             continue
         if client_id in present:
             found.append(version)

@@ -101,11 +101,10 @@ def validate(model: type[M], data: Any, prefix: str = "") -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        lines = [
-            f"  {'.'.join([prefix] * bool(prefix) + [str(p) for p in err['loc']])}: {err['msg']}"
-            for err in exc.errors()
+        problems = [
+            f"{'.'.join([prefix] * bool(prefix) + [str(p) for p in err['loc']])}: {err['msg']}" for err in exc.errors()
         ]
-        raise ConfigError("invalid params:\n" + "\n".join(lines)) from None
+        raise ConfigError("invalid params: " + "; ".join(problems)) from None
 
 
 def find_project_root(start: str | Path | None = None) -> Path:

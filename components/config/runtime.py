@@ -1,4 +1,4 @@
-"""runtime (moved from components/config.py)."""
+"""Where things are: project, params file, store, tracking URI; read from the environment at call time."""
 
 from __future__ import annotations
 

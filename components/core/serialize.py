@@ -1,4 +1,4 @@
-"""serialize (moved from components/history.py)."""
+"""Safetensors serialisation of state dicts, byte for byte reproducible."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""datasets (moved from components/data.py)."""
+"""Raw datasets from registry packages (Fashion-MNIST, MNIST, digits) and the Split container."""
 
 from __future__ import annotations
 

@@ -162,8 +162,14 @@ def read_split(path: str | Path) -> Split:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"prepared data file {path} is missing; run `fedforget prepare`")
-    tensors = load_file(path)
-    return Split(tensors["images"], tensors["labels"])
+    try:
+        tensors = load_file(path)
+        return Split(tensors["images"], tensors["labels"])
+    except Exception as exc:  # safetensors raises its own error types for truncated files
+        raise DataError(
+            f"prepared data file {path} is unreadable ({type(exc).__name__}: truncated or corrupt); "
+            "run `fedforget prepare` to rebuild it"
+        ) from None
 
 
 def _write_json(path: Path, payload: Mapping[str, Any]) -> None:

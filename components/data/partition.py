@@ -1,4 +1,4 @@
-"""partition (moved from components/data.py)."""
+"""Federated partitioning: Dirichlet label skew, few-shot server sets, client ids."""
 
 from __future__ import annotations
 

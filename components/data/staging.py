@@ -35,11 +35,16 @@ def split_from_bytes(data: bytes) -> Split:
 def stage_shards(
     store: ObjectStore, data: FederationData, data_version: str, clients: Sequence[str]
 ) -> dict[str, ObjectRef]:
-    """Put the prepared shards of ``clients`` into the store; return their references."""
-    return {
-        cid: store.put(shard_key(data_version, cid), data.client_path(cid).read_bytes(), overwrite=False)
-        for cid in clients
-    }
+    """Put the prepared shards of ``clients`` into the store; return their references.
+
+    Each shard is decoded first, so a truncated or corrupt file is refused
+    (``DataError``) before any of it reaches the store.
+    """
+    refs = {}
+    for cid in clients:
+        data.client(cid)  # raises DataError naming the file if it does not decode
+        refs[cid] = store.put(shard_key(data_version, cid), data.client_path(cid).read_bytes(), overwrite=False)
+    return refs
 
 
 def stage_splits(store: ObjectStore, splits: Mapping[str, Split], data_version: str) -> dict[str, ObjectRef]:

@@ -145,7 +145,7 @@ def run_round(
     trained = time.perf_counter()
     try:
         outcome = call("aggregate", protocol.server_step, server_round, base_state, server_state, replies, store)
-    except Exception:
+    except Exception:  # whatever refused the round, its uploads must not stay
         # A refused round (e.g. a non-finite update) is never committed: its uploads go now.
         for reply in replies:
             for ref in [reply.upload, *reply.objects.values()]:

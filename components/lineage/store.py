@@ -19,7 +19,7 @@ from typing import Any
 
 from components.core.refs import ObjectRef, sha256_bytes
 
-_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=/-]*$")
+_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=/-]*")
 
 
 # Error codes an S3 server sends for conditions that pass (besides any 5xx status).
@@ -57,7 +57,7 @@ class StoreUnavailable(StoreError):
 
 def validate_key(key: str) -> str:
     """Return ``key`` if it is a safe relative object key, else raise ``ValueError``."""
-    if not isinstance(key, str) or not key or len(key) > 1024 or not _KEY_RE.match(key):
+    if not isinstance(key, str) or not key or len(key) > 1024 or not _KEY_RE.fullmatch(key):
         raise ValueError(f"invalid object key {key!r}")
     parts = key.split("/")
     if any(p in ("", ".", "..") for p in parts[:-1]) or parts[-1] in (".", ".."):

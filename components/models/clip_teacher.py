@@ -1,4 +1,4 @@
-"""clip_teacher (moved from components/teacher.py)."""
+"""The CLIP-Adapter teacher: adapter, head, fitting on cached frozen features, and its logits."""
 
 from __future__ import annotations
 

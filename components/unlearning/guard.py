@@ -1,4 +1,4 @@
-"""guard (moved from components/unlearning.py)."""
+"""The lineage guard: no path may produce or promote a model whose lineage holds a forgotten client."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""tombstones (moved from components/unlearning.py)."""
+"""Keeping it deleted: tombstones, and finding every stored object of a client for the purge."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""verify (moved from components/evaluation.py)."""
+"""What a deletion can be checked with, without retraining: backdoor markers, membership inference, agreement."""
 
 from __future__ import annotations
 

@@ -78,11 +78,11 @@ def run_verb(fn: Any, *args: Any, **kwargs: Any) -> Any:
         KeyError,
     ) as exc:  # incl. UnlearningError, RequestError
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        console.print(f"[red]error:[/red] {message}", highlight=False)
+        console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except (typer.Exit, KeyboardInterrupt):
         raise
-    except Exception as exc:
+    except Exception as exc:  # the last line of defence against a traceback
         if os.environ.get("FEDFORGET_VERBOSE") == "1":
             console.print_exception()
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -96,6 +96,6 @@ def overrides_from(items: list[str] | None, flags: dict[str, Any] | None = None)
     """``--set key=value`` items, then the verb's own flags (those given) on top."""
     from components.config.sections import parse_override
 
-    overrides = dict(parse_override(item) for item in items or [])
+    overrides = run_verb(lambda: dict(parse_override(item) for item in items or []))
     overrides.update({key: value for key, value in (flags or {}).items() if value is not None})
     return overrides

@@ -85,7 +85,7 @@ def _served_unlearning(profile: str) -> str | None:
         with get_client(sync_client=True) as client:
             deployment = client.read_deployment_by_name(name)
         return name if deployment.status == DeploymentStatus.READY else None
-    except Exception:
+    except Exception:  # no server, no deployment: run the flow directly
         return None
 
 
