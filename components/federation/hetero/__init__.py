@@ -1,0 +1,1 @@
+"""Heterogeneous client models: client profiles, ensemble distillation, a shared base with personal heads."""
