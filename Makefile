@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: install datasets demo lint test clean
+.PHONY: install datasets demo lint test faults clean
 
 install: $(STAMP)
 
@@ -45,6 +45,10 @@ lint: install
 
 test: install datasets lint
 	$(BIN)/python -m pytest
+
+# The fault-injection suite against the real local stack: make faults OUT=DIR
+faults: install
+	$(BIN)/python benchmarks/faults.py --out $(or $(OUT),.fedforget/faults)
 
 clean:
 	rm -rf .fedforget data/default data/quick

@@ -13,6 +13,7 @@ from flows.cli.app import (
     QUICK_PROFILE,
     ProfileOpt,
     SetOpt,
+    UsageError,
     VerboseOpt,
     app,
     console,
@@ -27,16 +28,20 @@ from flows.cli.tables import out_console_json, print_audit, rounds_table, unlear
 def federate_with_progress(profile: str, rounds: int | None, overrides: dict[str, Any], fresh: bool) -> dict[str, Any]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from components.config.runtime import Runtime
+    from components.config.sections import load_config
     from flows.federate import run_federate
     from flows.progress import progress_callback
 
+    runtime = Runtime.from_env()
+    load_config(runtime.params_path, profile, overrides)  # bad params: one clear error before anything starts
     with Progress(
         TextColumn("[bold]federate[/bold] {task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         console=console,
-        transient=False,
+        transient=True,  # the rounds table follows; a failure leaves only its one-line error
     ) as bar:
         job = bar.add_task("starting (Prefect, MLflow)...", total=rounds)
 
@@ -159,6 +164,9 @@ def audit(
 
 @app.command()
 def evaluate(
+    suite: Annotated[
+        str, typer.Argument(help="unlearning (the default), distillation, fewshot or heterogeneous")
+    ] = "unlearning",
     profile: ProfileOpt = "default",
     quick: Annotated[bool, typer.Option("--quick", help="the quick profile (tiny, a few minutes)")] = False,
     dataset: Annotated[str | None, typer.Option(help="fashion-mnist, mnist or digits")] = None,
@@ -173,8 +181,11 @@ def evaluate(
     verbose: VerboseOpt = False,
     json_out: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
-    """Measure forgetting and recovery against retraining from scratch (backdoor, MIA, timings)."""
+    """Benchmark a suite; plain `evaluate` measures forgetting and recovery against retraining (backdoor, MIA, timings)."""
     quiet(verbose)
+    if suite != "unlearning":
+        _evaluate_suite(suite, quick, seeds, rounds, set_, out_dir, json_out, dataset, clients, target_client)
+        return
     overrides = overrides_from(set_, {
         "evaluate.data.dataset": dataset, "evaluate.data.num_clients": clients, "evaluate.rounds": rounds,
         "evaluate.seeds": seeds, "evaluate.target_client": target_client,
@@ -190,6 +201,39 @@ def evaluate(
     result = run_verb(run)
     if json_out:
         out_console_json({k: result[k] for k in ("config", "summary", "targets", "files", "run_id", "all_finite")})
+        return
+    print(Path(result["files"]["results_md"]).read_text())
+    out.print(f"results: {Path(result['files']['results_md']).parent} (MLflow run {result['run_id']})")
+
+
+def _evaluate_suite(
+    suite: str, quick: bool, seeds: int | None, rounds: int | None, set_: list[str] | None, out_dir: Path | None,
+    json_out: bool, *unlearning_only: Any,
+) -> None:  # fmt: skip
+    from flows.suites import suite_named
+
+    def check() -> None:
+        suite_named(suite)  # an unknown suite: one clear error
+        if any(value is not None for value in unlearning_only):
+            raise UsageError(
+                "--dataset, --clients and --target-client belong to the unlearning suite; "
+                f"set the {suite} suite's with --set {suite}.<setting>=<value>"
+            )
+
+    run_verb(check)
+    overrides = overrides_from(set_, {f"{suite}.rounds": rounds})
+
+    def run() -> dict[str, Any]:
+        from flows.suites import suite_flow
+
+        with console.status(f"evaluating {suite}: {suite_named(suite).about}..."):
+            return suite_flow(
+                suite=suite, quick=quick, seeds=seeds, overrides=overrides, out_dir=str(out_dir) if out_dir else None
+            )
+
+    result = run_verb(run)
+    if json_out:
+        out_console_json({k: result[k] for k in ("config", "rows", "targets", "files", "run_id") if k in result})
         return
     print(Path(result["files"]["results_md"]).read_text())
     out.print(f"results: {Path(result['files']['results_md']).parent} (MLflow run {result['run_id']})")
