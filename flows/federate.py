@@ -11,6 +11,7 @@ round that fails before its manifest is written leaves no registered version.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import time
@@ -121,7 +122,7 @@ def _federate(runtime: Runtime, config: Config, profile: str, fresh: bool, promo
     store = open_store(runtime.store)
     history = UpdateHistory(store)
     tracker = Tracker(runtime, config.registry)
-    protocol = weight_protocol(config.federate.strategy, clients_per_round=config.federate.clients_per_round)
+    protocol = weight_protocol(config.federate.strategy, **config.federate.strategy_settings())
     federation_id = new_federation_id()
     # Resume (and its lineage check) first: a refused source leaves everything as it was.
     resumed = None if fresh or not config.federate.resume else resume_head(tracker, history, spec, logger)
@@ -202,6 +203,9 @@ def _federate(runtime: Runtime, config: Config, profile: str, fresh: bool, promo
                 )
                 row = _round_row(result, test, evaluate_s, register_s)
                 tracker.log_metrics(run_id, {k: v for k, v in row.items() if k != "round"}, step=server_round)
+                if result.outcome.record:  # the strategy's decisions (credit: groups, scores, thresholds, excluded)
+                    record = json.dumps(dict(result.outcome.record), indent=2, sort_keys=True, default=str)
+                    tracker.log_bytes(run_id, record.encode(), f"rounds/round-{server_round:04d}.json")
                 rows.append(row)
                 versions.append(version)
                 logger.info(
@@ -263,6 +267,7 @@ def _round_row(
         "test_loss": test["loss"],
         "train_loss": float(np.mean([m.get("train_loss", np.nan) for m in metrics])),
         "clients": float(len(metrics)),
+        "excluded_clients": float(len(result.outcome.record.get("excluded", []))),
         "client_compute_s_sum": float(sum(compute)),
         "client_compute_s_max": float(max(compute)),
         **timings,

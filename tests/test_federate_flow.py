@@ -103,3 +103,31 @@ def test_a_non_finite_update_commits_nothing(tiny_project):
     # the next run removes what the failed one left, and only that
     ok = run_federate(project=str(tiny_project), rounds=1)
     assert all(k.startswith(f"federations/{ok['federation_id']}/") for k in store.list("federations/"))
+
+
+def test_a_robust_strategy_from_params_runs_records_its_decisions_and_forgets_exactly(tiny_project):
+    from components.unlearning.forget import forget_client
+    from flows.federate import run_federate
+
+    # Execute: the credit strategy, chosen by params, two groups re-drawn per round
+    overrides = {"federate.strategy": "credit", "federate.strategy_args": {"num_groups": 2, "mad_factor": 3.0}}
+    summary = run_federate(project=str(tiny_project), overrides=overrides)
+    # Assert: the manifest records the protocol's strategy and its decisions; MLflow has them per round
+    tracker, runtime = tracker_for(tiny_project)
+    store = open_store(runtime.store)
+    history = UpdateHistory(store)
+    version = tracker.versions()[-1]
+    final = history.read_manifest(manifest_ref_from_tags(version.tags))
+    assert final.protocol["strategy"]["name"] == "credit" and final.protocol["strategy"]["num_groups"] == 2
+    decision = final.extra
+    assert {"groups", "scores", "thresholds", "excluded", "weights"} <= set(decision)
+    assert len(decision["groups"]) == 2
+    assert tracker.download(summary["run_id"], "rounds/round-0002.json").is_file()
+    # forgetting a client subtracts exactly what was applied for it (the rest rebuilds the state)
+    forgotten = forget_client(history, manifest_ref_from_tags(version.tags), final, "client_01")
+    initial = history.read_state(history.read_manifest(final.parent).base)  # two rounds
+    rebuilt = initial
+    for cid in final.client_ids:
+        if cid != "client_01":
+            rebuilt = add(rebuilt, history.client_sum(final, cid))
+    assert max_abs_difference(rebuilt, forgotten.state) < 1e-5

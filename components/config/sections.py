@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from components.config.params import (
     DEFAULT_PROFILE,
@@ -77,7 +77,10 @@ class FederateConfig(Section):
     """The ``federate`` section: rounds, strategy, parallelism."""
 
     rounds: int = Field(5, ge=1)
-    strategy: Literal["fedavg"] = "fedavg"
+    # the weight protocol's aggregation rule (components/federation/weights); strategy_args are its settings,
+    # e.g. {beta: 0.2} for trimmed-mean, {num_malicious: 2} for krum, {num_groups: 2, mad_factor: 3} for credit
+    strategy: Literal["fedavg", "median", "trimmed-mean", "krum", "credit"] = "fedavg"
+    strategy_args: dict[str, Any] = Field(default_factory=dict)
     clients_per_round: int | None = Field(None, ge=1)
     seed: int = 0
     resume: bool = True
@@ -87,6 +90,20 @@ class FederateConfig(Section):
     archive_retries: int = Field(3, ge=0)
     archive_retry_delay_s: float = Field(2.0, ge=0)
     prefit_teacher: bool = True  # fit the unlearning teacher (if missing) when a federation ends
+
+    @model_validator(mode="after")
+    def _strategy_is_buildable(self) -> FederateConfig:
+        from components.federation.weights.strategy import build_strategy
+
+        try:
+            build_strategy(self.strategy, clients_per_round=self.clients_per_round, **self.strategy_args)
+        except TypeError as exc:
+            raise ValueError(f"strategy_args do not fit {self.strategy}: {exc}") from None
+        return self
+
+    def strategy_settings(self) -> dict[str, Any]:
+        """What :func:`~components.federation.weights.protocol.weight_protocol` takes besides the name."""
+        return {"clients_per_round": self.clients_per_round, **self.strategy_args}
 
 
 class UnlearnConfig(Section):
