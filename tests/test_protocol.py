@@ -209,3 +209,15 @@ def test_a_method_records_client_objects_a_personal_state_and_its_own_objects(tm
     # and every per-client record is found for purging
     kinds = {key.key.split("/")[-2] for key in list_client_objects(store, "c1")}
     assert kinds == {"updates", "sums", "personal", "soft_labels", "clients"}
+
+
+def test_every_builtin_protocol_is_known_to_a_fresh_process_so_forgetting_can_dispatch_to_it():
+    import subprocess
+    import sys
+
+    code = (
+        "from components.federation.protocol import PROTOCOLS, _load_builtin_protocols; "
+        "_load_builtin_protocols(); print(','.join(sorted(PROTOCOLS)))"
+    )
+    names = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert names.split(",") == ["ensemble-distillation", "few-shot", "shared-base", "soft-labels", "weights"]

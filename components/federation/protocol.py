@@ -188,7 +188,13 @@ class Protocol(ABC):
         return {"name": self.name}
 
 
-BUILTIN_PROTOCOL_MODULES = ("components.federation.weights.protocol",)
+BUILTIN_PROTOCOL_MODULES = (
+    "components.federation.weights.protocol",
+    "components.federation.logits.protocol",
+    "components.federation.hetero.ensemble",
+    "components.federation.hetero.shared_base",
+    "components.federation.fewshot.protocol",
+)
 ProtocolFactory = Callable[[Mapping[str, Any]], Protocol]
 PROTOCOLS: dict[str, ProtocolFactory] = {}
 
