@@ -17,6 +17,7 @@ import secrets
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,9 +28,12 @@ from prefect.runtime import flow_run as current_flow_run
 from components.config.runtime import Runtime
 from components.config.sections import Config, load_config
 from components.core.state import StateDict
-from components.data.layout import SERVER_DIR, FederationData, dvc_dir_hash
+from components.data.layout import SERVER_DIR, FederationData, dvc_dir_hash, read_public
 from components.data.staging import stage_shards
 from components.federation.client import evaluate_state
+from components.federation.logits.client import stage_public
+from components.federation.logits.protocol import SoftLabels
+from components.federation.protocol import Protocol
 from components.federation.rounds import Federation, RoundResult, run_round
 from components.federation.weights.protocol import weight_protocol
 from components.learning.train import torch_threads
@@ -112,6 +116,14 @@ def federate(
         return _federate(runtime, config, profile, fresh, promote)
 
 
+def build_protocol(config: Config, data_dir: Path, store: Any, data_version: str, spec: ModelSpec) -> Protocol:
+    """The method ``federate.protocol`` names, with its settings (soft-labels stages the public set D)."""
+    if config.federate.protocol == "soft-labels":
+        public = stage_public(store, read_public(data_dir), data_version)
+        return SoftLabels(public, spec, config.federate.soft_label_settings())
+    return weight_protocol(config.federate.strategy, **config.federate.strategy_settings())
+
+
 def _federate(runtime: Runtime, config: Config, profile: str, fresh: bool, promote: str) -> dict[str, Any]:
     logger = get_run_logger()
     data = FederationData(runtime.data_dir(profile) / "federation")
@@ -122,10 +134,12 @@ def _federate(runtime: Runtime, config: Config, profile: str, fresh: bool, promo
     store = open_store(runtime.store)
     history = UpdateHistory(store)
     tracker = Tracker(runtime, config.registry)
-    protocol = weight_protocol(config.federate.strategy, **config.federate.strategy_settings())
+    protocol = build_protocol(config, runtime.data_dir(profile), store, data_version, spec)
     federation_id = new_federation_id()
     # Resume (and its lineage check) first: a refused source leaves everything as it was.
-    resumed = None if fresh or not config.federate.resume else resume_head(tracker, history, spec, logger)
+    resumed = (
+        None if fresh or not config.federate.resume else resume_head(tracker, history, spec, logger, protocol.name)
+    )
     collected = collect_garbage_task(tracker, runtime.store)
     if collected["objects"]:
         logger.warning(
@@ -254,6 +268,21 @@ def _timed(fn: Any, *args: Any) -> tuple[Any, float]:
     return value, time.perf_counter() - started
 
 
+def _bytes(result: RoundResult) -> dict[str, float]:
+    """Bytes the round's clients uploaded and downloaded (the weight protocols send the model both ways)."""
+    comm = result.outcome.record.get("communication")
+    if comm:  # a protocol that accounts for itself (soft labels: labels up, the consensus down)
+        upload, download = dict(comm["upload_bytes"]), dict(comm["download_bytes"])
+    else:
+        upload = {r.client_id: int(r.upload.size or 0) if r.upload else 0 for r in result.replies}
+        download = upload
+    return {
+        "upload_bytes": float(sum(upload.values())),
+        "download_bytes": float(sum(download.values())),
+        **{f"upload_bytes.{cid}": float(n) for cid, n in upload.items()},
+    }
+
+
 def _round_row(
     result: RoundResult, test: Mapping[str, float], evaluate_s: float, register_s: float
 ) -> dict[str, float]:
@@ -268,6 +297,7 @@ def _round_row(
         "train_loss": float(np.mean([m.get("train_loss", np.nan) for m in metrics])),
         "clients": float(len(metrics)),
         "excluded_clients": float(len(result.outcome.record.get("excluded", []))),
+        **_bytes(result),
         "client_compute_s_sum": float(sum(compute)),
         "client_compute_s_max": float(max(compute)),
         **timings,

@@ -58,7 +58,7 @@ def collect_garbage_task(tracker: Tracker, store_url: str) -> dict[str, int]:
 
 
 def resume_head(
-    tracker: Tracker, history: UpdateHistory, spec: ModelSpec, logger: Any
+    tracker: Tracker, history: UpdateHistory, spec: ModelSpec, logger: Any, protocol: str | None = None
 ) -> tuple[LineageHead, VersionInfo] | None:
     champion = tracker.alias()
     if champion is None:
@@ -80,6 +80,12 @@ def resume_head(
         raise ValueError(
             f"champion version {champion.version} is a {manifest.model.to_dict()} model but "
             f"params ask for {spec.to_dict()}; start over with --fresh"
+        )
+    recorded = str(manifest.protocol.get("name", "weights"))
+    if protocol is not None and recorded != protocol:
+        raise ValueError(
+            f"champion version {champion.version} was trained with the {recorded} protocol but params ask for "
+            f"{protocol}; start over with --fresh"
         )
     logger.info("resuming from champion version %s (round %s)", champion.version, manifest.server_round)
     return LineageHead.of(ref, manifest), champion

@@ -290,7 +290,7 @@ def _unlearn(
         f"Unlearn from the current {config.registry.champion_alias} (version "
         f"{champion.version if champion else 'none'}), which is free of forgotten clients, or omit --version.",
     )  # fmt: skip
-    if client_id not in source_manifest.sums:
+    if client_id not in present_clients(history, source_ref):  # any protocol's index, not only running sums
         raise UnlearningError(
             f"client {client_id} never contributed to version {source.version} (or its lineage); nothing changed"
         )

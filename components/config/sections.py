@@ -79,6 +79,11 @@ class FederateConfig(Section):
     rounds: int = Field(5, ge=1)
     # the weight protocol's aggregation rule (components/federation/weights); strategy_args are its settings,
     # e.g. {beta: 0.2} for trimmed-mean, {num_malicious: 2} for krum, {num_groups: 2, mad_factor: 3} for credit
+    # weights: clients upload weight deltas (strategy below); soft-labels: clients keep their models and upload
+    # soft labels on the public set D (data.public_size), grouped by similarity (grouping) per soft_labels
+    protocol: Literal["weights", "soft-labels"] = "weights"
+    grouping: Literal["none", "similarity"] = "similarity"
+    soft_labels: dict[str, Any] = Field(default_factory=dict)  # SoftLabelSettings' knobs (T, beta, epochs...)
     strategy: Literal["fedavg", "median", "trimmed-mean", "krum", "credit"] = "fedavg"
     strategy_args: dict[str, Any] = Field(default_factory=dict)
     clients_per_round: int | None = Field(None, ge=1)
@@ -92,14 +97,24 @@ class FederateConfig(Section):
     prefit_teacher: bool = True  # fit the unlearning teacher (if missing) when a federation ends
 
     @model_validator(mode="after")
-    def _strategy_is_buildable(self) -> FederateConfig:
+    def _method_is_buildable(self) -> FederateConfig:
         from components.federation.weights.strategy import build_strategy
 
         try:
             build_strategy(self.strategy, clients_per_round=self.clients_per_round, **self.strategy_args)
         except TypeError as exc:
             raise ValueError(f"strategy_args do not fit {self.strategy}: {exc}") from None
+        try:
+            self.soft_label_settings()
+        except TypeError as exc:
+            raise ValueError(f"soft_labels: {exc}") from None
         return self
+
+    def soft_label_settings(self) -> Any:
+        """The soft-label protocol's settings (``soft_labels`` over its defaults, ``grouping`` on top)."""
+        from components.federation.logits.server import SoftLabelSettings
+
+        return SoftLabelSettings(**{**self.soft_labels, "grouping": self.grouping, "seed": self.seed})
 
     def strategy_settings(self) -> dict[str, Any]:
         """What :func:`~components.federation.weights.protocol.weight_protocol` takes besides the name."""

@@ -1,0 +1,56 @@
+"""``federate.protocol=soft-labels`` through the production flows: federate, register, account bytes, forget."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from components.config.runtime import Runtime
+from components.config.sections import load_config
+from components.lineage.history import UpdateHistory
+from components.lineage.store import open_store
+from components.lineage.tags import manifest_ref_from_tags
+from tests.conftest import TINY_PARAMS, write_project
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
+
+
+@pytest.fixture
+def soft_label_project(tmp_path, monkeypatch):
+    params = copy.deepcopy(TINY_PARAMS)
+    params["data"]["public_size"] = 120
+    params["federate"].update({"protocol": "soft-labels", "grouping": "similarity",
+                               "soft_labels": {"server_epochs": 1, "forget_epochs": 1, "client_epochs": 1}})  # fmt: skip
+    root = write_project(tmp_path / "project", params)
+    monkeypatch.setenv("FEDFORGET_PROJECT", str(root))
+    monkeypatch.delenv("FEDFORGET_PARAMS", raising=False)
+    monkeypatch.setenv("FEDFORGET_STORE", str(tmp_path / "store"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return root
+
+
+def test_soft_labels_federate_register_account_bytes_and_forget(soft_label_project):
+    from flows.federate import run_federate
+    from flows.tracking import Tracker
+    from flows.unlearn import unlearn
+
+    # Execute: two rounds, then the deletion of one client (no teacher, to keep it small)
+    summary = run_federate(project=str(soft_label_project))
+    result = unlearn(client_id="client_01", project=str(soft_label_project), overrides={"unlearn.teacher": "none"})
+    # Assert: every round registered a servable global student tagged with the protocol
+    runtime = Runtime.from_env(soft_label_project)
+    tracker = Tracker(runtime, load_config(runtime.params_path).registry)
+    versions = tracker.versions()
+    assert summary["protocol"]["name"] == "soft-labels" and summary["protocol"]["settings"]["grouping"] == "similarity"
+    assert [v.tags["protocol"] for v in versions[:2]] == ["soft-labels", "soft-labels"]
+    # soft labels up, far fewer bytes than the model FedAvg would send
+    history = UpdateHistory(open_store(runtime.store))
+    final = history.read_manifest(manifest_ref_from_tags(versions[1].tags))
+    comm = final.extra["communication"]
+    assert 0 < comm["upload_bytes_total"] < comm["fedavg_upload_bytes_total"]
+    metrics = tracker.run_metrics(summary["run_id"])
+    assert metrics["upload_bytes"] == comm["upload_bytes_total"] and metrics["download_bytes"] > 0
+    # the deletion dispatched to the protocol: a new version without the client
+    assert result["status"] == "unlearned" and tracker.alias().version == result["version"]
+    assert tracker.version(result["version"]).tags["forgotten_client"] == "client_01"
