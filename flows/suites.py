@@ -93,10 +93,25 @@ def _heterogeneous() -> Suite:
     )  # fmt: skip
 
 
+def _robustness() -> Suite:
+    from components.evaluation import robustness as ev
+    from flows.reports import robustness as report
+
+    def result(settings: Any, seeds: list[dict[str, Any]], profile: str) -> dict[str, Any]:
+        return {"config": {**settings.record(), "profile": profile, "seeds": len(seeds)}, **ev.summarise(seeds)}
+
+    return Suite(
+        "robustness", "robust and private aggregation under attack, and forgetting an attacker",
+        ev.RobustnessSettings, ev.RobustnessSettings.quick, lambda s: s.data.dataset, ev.run_seed, result,
+        report.render_markdown, report.plot,
+    )  # fmt: skip
+
+
 SUITES: dict[str, Callable[[], Suite]] = {
     "distillation": _distillation,
     "fewshot": _fewshot,
     "heterogeneous": _heterogeneous,
+    "robustness": _robustness,
 }
 
 
@@ -140,15 +155,18 @@ def seed_task(suite_name: str, settings: Any, raw: RawDataset, seed: int, workdi
     return suite_named(suite_name).run_seed(settings, raw, seed, workdir, log=get_run_logger().info)
 
 
+ROW_KEYS = ("protocol", "strategy", "method", "attack", "malicious_fraction", "sigma", "alpha", "shots")
+
+
 def metrics_of(rows: list[Mapping[str, Any]]) -> dict[str, float]:
-    """Flat MLflow metrics from result rows: ``<method>.<alpha|shots>.<field>`` (means of mean/sd stats)."""
+    """Flat MLflow metrics from result rows: ``<the row's keys>.<field>`` (means of mean/sd stats)."""
     metrics = {}
     for row in rows:
-        keys = [str(row[k]) for k in ("method", "alpha", "shots") if k in row]
+        keys = [str(row[k]) for k in ROW_KEYS if k in row]  # MLflow allows no '=' in a metric name
         for field, value in row.items():
             number = value.get("mean") if isinstance(value, Mapping) else value
             numeric = isinstance(number, int | float) and not isinstance(number, bool) and math.isfinite(number)
-            if numeric and field not in ("alpha", "shots", "seeds"):
+            if numeric and field not in (*ROW_KEYS, "seeds"):
                 metrics[".".join([*keys, field])] = float(number)
     return metrics
 

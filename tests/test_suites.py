@@ -12,6 +12,9 @@ from flows.cli import app
 from flows.suites import SUITES, override_settings, settings_for, suite_named
 
 ROWS = {
+    "robustness": {"protocol", "strategy", "attack", "malicious_fraction", "sigma", "test_accuracy",
+                   "test_accuracy_sd", "backdoor_asr", "malicious_excluded_rate", "benign_excluded_rate", "epsilon",
+                   "bytes_per_round", "seeds"},
     "distillation": {"method", "alpha", "test_accuracy", "test_accuracy_sd", "client_accuracy_mean",
                      "bytes_per_round", "seeds"},
     "fewshot": {"method", "shots", "client_accuracy_mean", "client_accuracy_min", "test_accuracy",

@@ -175,7 +175,10 @@ class LocalStore(ObjectStore):
         # Drop folders left empty, but never the root itself.
         parent = path.parent
         while parent != self.root and parent.is_dir() and not any(parent.iterdir()):
-            parent.rmdir()
+            try:
+                parent.rmdir()
+            except OSError:  # another deleter removed it first, or a writer just put a file in it
+                return
             parent = parent.parent
 
 

@@ -165,7 +165,7 @@ def audit(
 @app.command()
 def evaluate(
     suite: Annotated[
-        str, typer.Argument(help="unlearning (the default), distillation, fewshot or heterogeneous")
+        str, typer.Argument(help="unlearning (the default), distillation, fewshot, heterogeneous or robustness")
     ] = "unlearning",
     profile: ProfileOpt = "default",
     quick: Annotated[bool, typer.Option("--quick", help="the quick profile (tiny, a few minutes)")] = False,
