@@ -35,11 +35,12 @@ from components.federation.logits.client import stage_public
 from components.federation.logits.protocol import SoftLabels
 from components.federation.protocol import Protocol
 from components.federation.rounds import Federation, RoundResult, run_round
-from components.federation.weights.protocol import weight_protocol
+from components.federation.weights.privacy import lineage_accountant
+from components.federation.weights.protocol import WeightAveraging
 from components.learning.train import torch_threads
 from components.lineage.history import UpdateHistory
 from components.lineage.store import open_store
-from components.lineage.tags import federation_run_tags, global_version_tags
+from components.lineage.tags import federation_run_tags, global_version_tags, privacy_tags
 from components.models.students import ModelSpec, init_model
 from components.unlearning.tombstones import tombstoned_clients
 from flows.failpoints import failpoint
@@ -121,7 +122,7 @@ def build_protocol(config: Config, data_dir: Path, store: Any, data_version: str
     if config.federate.protocol == "soft-labels":
         public = stage_public(store, read_public(data_dir), data_version)
         return SoftLabels(public, spec, config.federate.soft_label_settings())
-    return weight_protocol(config.federate.strategy, **config.federate.strategy_settings())
+    return WeightAveraging(config.federate.weight_strategy())
 
 
 def _federate(runtime: Runtime, config: Config, profile: str, fresh: bool, promote: str) -> dict[str, Any]:
@@ -168,6 +169,8 @@ def _federate(runtime: Runtime, config: Config, profile: str, fresh: bool, promo
             "excluding forgotten (tombstoned) clients from training: %s",
             ", ".join(sorted(forgotten & set(data.client_ids()))),
         )
+    dp = config.federate.dp_noise_multiplier
+    accountant = lineage_accountant(history, head.manifest, len(available)) if dp else None
     federation = Federation(
         federation_id=federation_id, history=history, store_url=str(runtime.store), model=spec,
         train=config.train.settings(), seed=config.federate.seed, data_version=data_version,
@@ -211,6 +214,12 @@ def _federate(runtime: Runtime, config: Config, profile: str, fresh: bool, promo
                     protocol=protocol.name,
                 )  # fmt: skip
                 tags["test_accuracy"] = f"{test['accuracy']:.6f}"
+                if accountant is not None:  # this round's noise, then epsilon over the whole lineage
+                    if dp > 0:
+                        accountant.step(dp, min(1.0, len(result.replies) / max(1, len(available))))
+                    epsilon = accountant.epsilon(config.federate.dp_delta)
+                    tags.update(privacy_tags(epsilon, config.federate.dp_delta, dp))
+                    tracker.log_metrics(run_id, {"dp_epsilon": epsilon}, step=server_round)
                 failpoint(f"federate:before-register:{server_round}")
                 version, register_s = _timed(
                     register_version_task, tracker, run_id, spec, result.state, input_shape, server_round, tags

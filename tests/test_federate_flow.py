@@ -131,3 +131,34 @@ def test_a_robust_strategy_from_params_runs_records_its_decisions_and_forgets_ex
         if cid != "client_01":
             rebuilt = add(rebuilt, history.client_sum(final, cid))
     assert max_abs_difference(rebuilt, forgotten.state) < 1e-5
+
+
+def test_server_side_dp_logs_and_tags_epsilon_over_the_whole_lineage(tiny_project):
+    from opacus.accountants import RDPAccountant
+
+    from flows.federate import run_federate
+
+    # Execute: two noised rounds, then one more resumed from the champion
+    overrides = {"federate.dp_noise_multiplier": 0.8, "federate.dp_clipping_norm": 2.0}
+    first = run_federate(project=str(tiny_project), overrides=overrides)
+    run_federate(project=str(tiny_project), overrides=overrides, rounds=1)
+    # Assert: every version tagged with epsilon at delta; it grows with the lineage, resumes included
+    tracker, runtime = tracker_for(tiny_project)
+    versions = tracker.versions()
+    epsilons = [float(v.tags["dp_epsilon"]) for v in versions]
+    assert all(v.tags["dp_delta"] == "1e-05" and v.tags["dp_noise_multiplier"] == "0.8" for v in versions)
+    expected = RDPAccountant()  # an independent computation: 3 rounds, every client each round
+    for _ in range(3):
+        expected.step(noise_multiplier=0.8, sample_rate=1.0)
+    assert epsilons[0] < epsilons[1] < epsilons[2] == pytest.approx(expected.get_epsilon(1e-5), rel=1e-5)
+    assert tracker.run_metrics(first["run_id"])["dp_epsilon"] == pytest.approx(epsilons[1], rel=1e-5)
+    # the noise is a recorded residual of no client's: the state is initial + client sums + residuals
+    history = UpdateHistory(open_store(runtime.store))
+    manifest = history.read_manifest(manifest_ref_from_tags(versions[1].tags))
+    assert manifest.protocol["strategy"]["name"] == "dp-server" and manifest.residual is not None
+    rebuilt = history.read_state(history.read_manifest(manifest.parent).base)
+    for cid in manifest.client_ids:
+        rebuilt = add(rebuilt, history.client_sum(manifest, cid))
+    for ref in (manifest.residual, history.read_manifest(manifest.parent).residual):
+        rebuilt = add(rebuilt, history.read_state(ref))
+    assert max_abs_difference(rebuilt, history.read_state(manifest.global_state)) < 1e-5

@@ -86,6 +86,11 @@ class FederateConfig(Section):
     soft_labels: dict[str, Any] = Field(default_factory=dict)  # SoftLabelSettings' knobs (T, beta, epochs...)
     strategy: Literal["fedavg", "median", "trimmed-mean", "krum", "credit"] = "fedavg"
     strategy_args: dict[str, Any] = Field(default_factory=dict)
+    # server-side DP around the strategy: clip each upload to dp_clipping_norm, add N(0, (sigma C / n)^2);
+    # epsilon at dp_delta (Opacus RDP accountant over the lineage) logged per round and tagged on every version
+    dp_noise_multiplier: float | None = Field(None, ge=0)
+    dp_clipping_norm: float = Field(1.0, gt=0)
+    dp_delta: float = Field(1e-5, gt=0, lt=1)
     clients_per_round: int | None = Field(None, ge=1)
     seed: int = 0
     resume: bool = True
@@ -98,10 +103,8 @@ class FederateConfig(Section):
 
     @model_validator(mode="after")
     def _method_is_buildable(self) -> FederateConfig:
-        from components.federation.weights.strategy import build_strategy
-
         try:
-            build_strategy(self.strategy, clients_per_round=self.clients_per_round, **self.strategy_args)
+            self.weight_strategy()
         except TypeError as exc:
             raise ValueError(f"strategy_args do not fit {self.strategy}: {exc}") from None
         try:
@@ -119,6 +122,16 @@ class FederateConfig(Section):
     def strategy_settings(self) -> dict[str, Any]:
         """What :func:`~components.federation.weights.protocol.weight_protocol` takes besides the name."""
         return {"clients_per_round": self.clients_per_round, **self.strategy_args}
+
+    def weight_strategy(self) -> Any:
+        """The strategy params name, wrapped in server-side DP when ``dp_noise_multiplier`` is set."""
+        from components.federation.weights.strategy import build_strategy
+
+        inner = build_strategy(self.strategy, **self.strategy_settings())
+        if self.dp_noise_multiplier is None:
+            return inner
+        return build_strategy("dp-server", strategy=inner, noise_multiplier=self.dp_noise_multiplier,
+                              clipping_norm=self.dp_clipping_norm, seed=self.seed)  # fmt: skip
 
 
 class UnlearnConfig(Section):

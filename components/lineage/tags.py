@@ -31,6 +31,11 @@ RETIRED_TAG = "retired"  # its weights were deleted because its lineage holds a 
 TEACHER_TAINT_TAG = "teacher_contains_forgotten_client"  # recovered with a teacher that saw the client
 
 
+def privacy_tags(epsilon: float, delta: float, noise_multiplier: float) -> dict[str, str]:
+    """A DP version's privacy spent over its lineage: ``(dp_epsilon, dp_delta)``-DP at ``dp_noise_multiplier``."""
+    return {"dp_epsilon": f"{epsilon:.6g}", "dp_delta": f"{delta:g}", "dp_noise_multiplier": f"{noise_multiplier:g}"}
+
+
 def global_version_tags(
     *,
     server_round: int,

@@ -186,3 +186,25 @@ class PrivacyAccountant:
     def epsilon(self, delta: float) -> float:
         """Epsilon of ``(epsilon, delta)``-DP after the rounds so far (0.0 before any)."""
         return float(self._accountant.get_epsilon(delta))
+
+
+def lineage_accountant(history: Any, manifest_ref: Any, num_clients: int) -> PrivacyAccountant:
+    """The accountant after every noised round in the lineage ending at ``manifest_ref`` (oldest first).
+
+    A round counts when its manifest records the ``dp-server`` strategy with a
+    positive noise multiplier; its sampling rate is its participants over
+    ``num_clients``. Deletions add no noise and spend nothing.
+    """
+    noised: list[tuple[float, float]] = []
+    ref = manifest_ref
+    while ref is not None:
+        manifest = history.read_manifest(ref)
+        strategy = (getattr(manifest, "protocol", None) or {}).get("strategy") or {}
+        if strategy.get("name") == "dp-server" and float(strategy.get("noise_multiplier", 0)) > 0:
+            rate = min(1.0, len(manifest.client_ids) / max(1, num_clients))
+            noised.append((float(strategy["noise_multiplier"]), rate))
+        ref = manifest.parent
+    accountant = PrivacyAccountant()
+    for sigma, rate in reversed(noised):
+        accountant.step(sigma, rate)
+    return accountant
