@@ -11,6 +11,7 @@ round that fails before its manifest is written leaves no registered version.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -249,7 +250,8 @@ def _federate(runtime: Runtime, config: Config, profile: str, fresh: bool, promo
         tracker.set_tags(run_id, {"final_version": versions[-1].version})
         tracker.end_run(run_id, "FINISHED")
     except BaseException:
-        tracker.end_run(run_id, "FAILED")
+        with contextlib.suppress(Exception):  # MLflow may be what failed: keep the original error
+            tracker.end_run(run_id, "FAILED")
         raise
 
     return {

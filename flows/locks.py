@@ -12,10 +12,13 @@ lock beside the project's state (``.fedforget/model-writes.lock``), so two
 
 from __future__ import annotations
 
+import logging
+import sys
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from typing import Any
 
 from components.config.runtime import Runtime
 from components.config.sections import Config
@@ -40,8 +43,33 @@ def model_write_lock(config: Config, runtime: Runtime) -> Iterator[None]:
         if name not in _ENSURED:
             ensure_model_write_limit(name)
             _ENSURED.add(name)
-    with concurrency(name, occupy=1, strict=False):
+    slot = concurrency(name, occupy=1, strict=False)
+    slot.__enter__()
+    try:
         yield
+    except BaseException:
+        _release(slot, name, sys.exc_info())
+        raise
+    _release(slot, name, (None, None, None))
+
+
+def _release(slot: AbstractContextManager[None], name: str, exc_info: Any) -> None:
+    """Give the slot back; if the Prefect server cannot be reached now, its lease frees it later.
+
+    The model write is finished (or failed) by then: a release that fails (the
+    server restarting) must not turn a completed federation or deletion into an
+    error. The lease (Prefect's default, 300 s) expires and the server
+    reclaims the slot, so the next writer waits at most that long.
+    """
+    try:
+        slot.__exit__(*exc_info)
+    except Exception as exc:
+        if exc is exc_info[1]:
+            raise
+        logging.getLogger(__name__).warning(
+            "could not release the model-write slot %s (%s: %s); it is freed when its lease expires",
+            name, type(exc).__name__, exc,
+        )  # fmt: skip
 
 
 @contextmanager

@@ -13,6 +13,7 @@ is a no-op that reports the existing unlearned version.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -396,7 +397,8 @@ def _unlearn(
         tracker.set_tags(run_id, {"unlearned_version": registered_version.version})
         tracker.end_run(run_id, "FINISHED")
     except BaseException:
-        tracker.end_run(run_id, "FAILED")
+        with contextlib.suppress(Exception):  # MLflow may be what failed: keep the original error
+            tracker.end_run(run_id, "FAILED")
         raise
     logger.info(
         "forgot %s from version %s -> version %s (test accuracy %.4f -> %.4f -> %.4f)",

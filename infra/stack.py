@@ -209,6 +209,10 @@ def service_command(name: str, directory: Path, state: dict[str, Any]) -> tuple[
             "PREFECT_HOME": str(home),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_UI_API_URL": f"http://{HOST}:{ports['prefect']}/api",
+            # Concurrency-slot leases on disk, not in memory: a restarted server still knows the
+            # lease of a model writer that held the slot, and reclaims the slot once it expires.
+            # In memory they are lost and the slot stays occupied forever.
+            "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem",
         }
         return cmd, env
     raise StackError(f"unknown service {name!r}; services: {', '.join(SERVICES)}")

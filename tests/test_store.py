@@ -97,3 +97,23 @@ def test_s3_unreachable_endpoint_is_reported_as_unavailable(monkeypatch):
     store = S3Store("ff-nowhere", endpoint_url="http://127.0.0.1:9", max_attempts=2, connect_timeout=0.5)
     with pytest.raises(StoreUnavailable, match="after 2 attempts"):
         store.get("k")
+
+
+def test_a_full_disk_is_a_store_error_naming_the_key_and_leaves_no_partial_object(tmp_path, monkeypatch):
+    import errno
+
+    from components.lineage.store import LocalStore, StoreError
+
+    # Prepare: the disk fills up while the object is written
+    store = LocalStore(tmp_path / "store")
+    store.put("kept/a.bin", b"before")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    # Execute / Assert
+    with pytest.raises(StoreError, match=r"could not write new/b\.bin: No space left on device"):
+        store.put("new/b.bin", b"after")
+    assert store.list("") == ["kept/a.bin"] and store.get("kept/a.bin") == b"before"
+    assert not [p for p in (tmp_path / "store").rglob(".tmp-*")]

@@ -137,16 +137,22 @@ class LocalStore(ObjectStore):
 
     def _put(self, key: str, data: bytes, sha256: str) -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+        tmp = None
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
+        except OSError as exc:  # a full disk, a read-only mount, no permission: the object is not written
+            if tmp:
+                Path(tmp).unlink(missing_ok=True)
+            raise StoreError(f"{self.url}: could not write {key}: {exc.strerror or exc}") from exc
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            if tmp:
+                Path(tmp).unlink(missing_ok=True)
             raise
 
     def get(self, key: str) -> bytes:

@@ -87,7 +87,9 @@ def run_verb(fn: Any, *args: Any, **kwargs: Any) -> Any:
             console.print_exception()
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         console.print(
-            f"[red]error:[/red] {type(exc).__name__}: {first} (rerun with --verbose for details)", highlight=False
+            f"[red]error:[/red] {type(exc).__name__}: {first} (rerun with --verbose for details)",
+            highlight=False,
+            soft_wrap=True,
         )
         raise typer.Exit(1) from None
 
