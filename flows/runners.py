@@ -7,6 +7,7 @@ honour ``federate.task_runner`` alike.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,10 +21,27 @@ from components.federation.rounds import Call, ClientMap, ClientStep
 
 
 def build_task_runner(config: Config) -> TaskRunner[Any]:
-    """The task runner that trains clients in parallel (``federate.task_runner``)."""
+    """The task runner that trains clients in parallel (``federate.task_runner``).
+
+    ``dask`` (prefect-dask) connects to ``federate.dask_address`` or
+    ``FEDFORGET_DASK_ADDRESS`` when either is set, else starts a
+    ``LocalCluster`` of ``max_workers`` single-threaded worker processes for
+    the run. Clients read and write only the object store, so a remote worker
+    needs nothing of the flow's filesystem (a local folder store must then be
+    a shared mount; use S3).
+    """
     workers = config.federate.max_workers
     if config.federate.task_runner == "processes":
         return ProcessPoolTaskRunner(max_workers=workers)
+    if config.federate.task_runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        address = config.federate.dask_address or os.environ.get("FEDFORGET_DASK_ADDRESS") or None
+        if address:
+            return DaskTaskRunner(address=address)
+        return DaskTaskRunner(
+            cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None}
+        )
     return ThreadPoolTaskRunner(max_workers=workers)
 
 

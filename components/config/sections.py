@@ -94,7 +94,9 @@ class FederateConfig(Section):
     clients_per_round: int | None = Field(None, ge=1)
     seed: int = 0
     resume: bool = True
-    task_runner: Literal["threads", "processes"] = "threads"
+    task_runner: Literal["threads", "processes", "dask"] = "threads"
+    # dask: a scheduler's address (or FEDFORGET_DASK_ADDRESS); none: a LocalCluster of max_workers workers
+    dask_address: str | None = None
     max_workers: int = Field(2, ge=1)
     eval_batch_size: int = Field(256, ge=1)
     archive_retries: int = Field(3, ge=0)
