@@ -42,7 +42,7 @@ import numpy as np
 
 from components.data.datasets import RawDataset
 from components.data.layout import FederationData, PrepareSettings, prepare_data
-from components.evaluation.unlearning import mean_std
+from components.evaluation.unlearning import stat as _stat
 from components.federation.fewshot.convergence import rounds_to_plateau
 from components.federation.fewshot.features import FeatureBank
 from components.federation.fewshot.model import initial_model, shared_backbone, zero_shot_logits
@@ -220,14 +220,6 @@ def _run_shots(
                 ) | {"shots": k}
             shutil.rmtree(store_dir, ignore_errors=True)  # archives are large and measured already
         out["methods"][method][str(k)] = entry
-
-
-def _stat(values: Sequence[float | None]) -> dict[str, float] | None:
-    present = [float(v) for v in values if v is not None]
-    if not present:
-        return None
-    mean, sd = mean_std(present)
-    return {"mean": mean, "sd": sd}
 
 
 def summarise(seed_results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

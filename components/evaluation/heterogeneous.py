@@ -46,7 +46,7 @@ import components.models.heads  # noqa: F401  (registers cnn-mlp-head)
 from components.data.datasets import RawDataset, Split
 from components.data.layout import FederationData, PrepareSettings, prepare_data, read_public, read_split
 from components.data.staging import stage_splits
-from components.evaluation.unlearning import mean_std
+from components.evaluation.unlearning import stat as _stat
 from components.federation.hetero.common import model_with, stage_images, stage_split, state_nbytes, unpack
 from components.federation.hetero.ensemble import EnsembleDistillation, EnsembleSettings
 from components.federation.hetero.profiles import ClientProfiles
@@ -322,14 +322,6 @@ def run_seed(
             values["personalized_accuracy_min"] = float(np.min(accuracies))
         points.append({"alpha": alpha, "clients": len(point.clients), "methods": methods, "forgetting": forgetting})
     return {"seed": seed, "points": points}
-
-
-def _stat(values: Sequence[float | None]) -> dict[str, float] | None:
-    present = [float(v) for v in values if v is not None]
-    if not present:
-        return None
-    mean, sd = mean_std(present)
-    return {"mean": mean, "sd": sd}
 
 
 def summarise(seed_results: Sequence[Mapping[str, Any]]) -> dict[str, list[dict[str, Any]]]:

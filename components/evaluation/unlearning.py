@@ -126,6 +126,15 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
 
 
+def stat(values: Sequence[float | None]) -> dict[str, float] | None:
+    """``{"mean", "sd"}`` over the values present (None where none is): a suite's row cell."""
+    present = [float(v) for v in values if v is not None]
+    if not present:
+        return None
+    mean, sd = mean_std(present)
+    return {"mean": mean, "sd": sd}
+
+
 # --------------------------------------------------------------------------- one seed of the benchmark
 
 METHODS = ("original", "retrain", "subtract", "finetune", "kd-global", "kd-clip", "renormalise")
