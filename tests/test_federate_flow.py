@@ -123,6 +123,15 @@ def test_a_robust_strategy_from_params_runs_records_its_decisions_and_forgets_ex
     assert {"groups", "scores", "thresholds", "excluded", "weights"} <= set(decision)
     assert len(decision["groups"]) == 2
     assert tracker.download(summary["run_id"], "rounds/round-0002.json").is_file()
+    # the audit shows them per round
+    from components.audit.audit import audit
+    from flows.reports.audit import render_markdown
+
+    report = audit(store, version.version, version.tags, {})
+    rounds = [n for n in report.nodes if n.kind == "round"]
+    assert [n.method for n in rounds] == ["weights/credit", "weights/credit"]
+    assert rounds[0].decisions["excluded"] == decision["excluded"] and "groups" in rounds[1].decisions
+    assert "## Round decisions" in render_markdown(report)
     # forgetting a client subtracts exactly what was applied for it (the rest rebuilds the state)
     forgotten = forget_client(history, manifest_ref_from_tags(version.tags), final, "client_01")
     initial = history.read_state(history.read_manifest(final.parent).base)  # two rounds

@@ -63,6 +63,8 @@ class Node:
     deletion: dict[str, Any] | None = None
     present_clients: list[str] = field(default_factory=list)
     contains_forgotten_clients: list[str] = field(default_factory=list)
+    method: str | None = None  # a round's protocol (and strategy): weights/credit, soft-labels...
+    decisions: dict[str, Any] = field(default_factory=dict)  # what its server step decided, as the manifest records
 
 
 @dataclass
@@ -326,6 +328,9 @@ def audit(
             node.clients = [
                 {"client_id": c.client_id, "num_examples": c.num_examples, "weight": c.weight} for c in manifest.clients
             ]
+            strategy = (manifest.protocol.get("strategy") or {}).get("name")
+            node.method = "/".join(str(p) for p in (manifest.protocol.get("name", "weights"), strategy) if p)
+            node.decisions = dict(manifest.extra)
         nodes.append(node)
 
     # What each model contains, from the oldest step up: a round adds its

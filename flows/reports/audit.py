@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,34 @@ def report_schema() -> dict[str, Any]:
 
 def _short(value: str | None, n: int = 12) -> str:
     return "-" if not value else (value if len(value) <= n else value[:n] + "…")
+
+
+def _decision_row(node: Any) -> str:
+    d = node.decisions
+    grouping = d.get("grouping") or {}
+    groups = d.get("groups") or grouping.get("groups")
+    thresholds = d.get("thresholds")
+    dp = d.get("dp")
+    picks = grouping.get("picks")
+
+    def show(value: Any) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, Mapping):
+            return ", ".join(f"{k}: {_number(v)}" for k, v in value.items()) or "-"
+        if isinstance(value, list):
+            return " / ".join(show(v) if isinstance(v, list) else _number(v) for v in value) or "none"
+        return _number(value)
+
+    dp_cell = f"{dp['noise_std']:.3g}, {show(dp.get('clipped'))}" if dp else "-"
+    return (
+        f"| {node.server_round} | {node.version or 'unregistered'} | {node.method or '-'} | {show(groups)} | "
+        f"{show(d.get('excluded')) if 'excluded' in d else '-'} | {show(thresholds)} | {dp_cell} | {show(picks)} |"
+    )
+
+
+def _number(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def render_markdown(report: AuditReport, graph_file: str | None = "lineage.png") -> str:
@@ -74,6 +103,16 @@ def render_markdown(report: AuditReport, graph_file: str | None = "lineage.png")
             f"| {node.kind} | {node.version or 'unregistered'}{flag} | {node.server_round} | "
             f"{_short(node.federation_id, 26)} | {what} | {_short(node.data_version)} |"
         )
+    decided = [n for n in report.nodes if n.decisions]
+    if decided:
+        lines += [
+            "",
+            "## Round decisions (the server step's record)",
+            "",
+            "| round | version | method | groups | excluded | thresholds | DP noise std, clipped | soft-label picks |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        lines += [_decision_row(n) for n in decided]
     lines += ["", "## Deletions applied", ""]
     if report.deletions:
         lines += [
