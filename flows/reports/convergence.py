@@ -7,13 +7,11 @@ from typing import Any
 
 
 def plot_convergence(rows: Sequence[Mapping[str, float]]) -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: nothing keeps the figure alive once it is logged
 
     rounds = [r["round"] for r in rows]
-    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig = Figure(figsize=(9, 3.5))
+    acc_ax, loss_ax = fig.subplots(1, 2)
     acc_ax.plot(rounds, [r["test_accuracy"] for r in rows], marker="o")
     acc_ax.set(xlabel="round", ylabel="test accuracy", title="Accuracy")
     loss_ax.plot(rounds, [r["test_loss"] for r in rows], marker="o", label="test")
