@@ -52,13 +52,22 @@ class Suite:
     full_seeds: int = 3
 
 
+def _summarised(
+    record: Callable[[Any], dict[str, Any]], summarise: Callable[[list[dict[str, Any]]], dict[str, Any]]
+) -> Callable[[Any, list[dict[str, Any]], str], dict[str, Any]]:
+    """A suite's result: its settings' record with the profile and seed count, then its summary."""
+
+    def result(settings: Any, seeds: list[dict[str, Any]], profile: str) -> dict[str, Any]:
+        return {"config": {**record(settings), "profile": profile, "seeds": len(seeds)}, **summarise(seeds)}
+
+    return result
+
+
 def _distillation() -> Suite:
     from components.evaluation import distillation as ev
     from flows.reports import distillation as report
 
-    def result(settings: Any, seeds: list[dict[str, Any]], profile: str) -> dict[str, Any]:
-        return {"config": {**settings.profile(), "profile": profile, "seeds": len(seeds)}, **ev.summarise(seeds)}
-
+    result = _summarised(ev.DistillationSettings.profile, ev.summarise)
     return Suite(
         "distillation", "FedAvg vs soft labels vs grouped soft labels, and forgetting under soft labels",
         ev.DistillationSettings, ev.DistillationSettings.quick, lambda s: s.data.dataset, ev.run_seed, result,
@@ -81,11 +90,11 @@ def _heterogeneous() -> Suite:
     from components.evaluation import heterogeneous as ev
     from flows.reports import heterogeneous as report
 
-    def result(settings: Any, seeds: list[dict[str, Any]], profile: str) -> dict[str, Any]:
+    def summarise(seeds: list[dict[str, Any]]) -> dict[str, Any]:
         summary = ev.summarise(seeds)
-        config = {**settings.record(), "profile": profile, "seeds": len(seeds)}
-        return {"config": config, **summary, "targets": report.targets(summary), "seeds": seeds}
+        return {**summary, "targets": report.targets(summary), "seeds": seeds}
 
+    result = _summarised(ev.HeterogeneousSettings.record, summarise)
     return Suite(
         "heterogeneous", "heterogeneous client models: ensemble distillation and shared base vs FedAvg",
         ev.HeterogeneousSettings, ev.HeterogeneousSettings.quick, lambda s: s.data.dataset, ev.run_seed, result,
@@ -97,9 +106,7 @@ def _robustness() -> Suite:
     from components.evaluation import robustness as ev
     from flows.reports import robustness as report
 
-    def result(settings: Any, seeds: list[dict[str, Any]], profile: str) -> dict[str, Any]:
-        return {"config": {**settings.record(), "profile": profile, "seeds": len(seeds)}, **ev.summarise(seeds)}
-
+    result = _summarised(ev.RobustnessSettings.record, ev.summarise)
     return Suite(
         "robustness", "robust and private aggregation under attack, and forgetting an attacker",
         ev.RobustnessSettings, ev.RobustnessSettings.quick, lambda s: s.data.dataset, ev.run_seed, result,

@@ -6,6 +6,7 @@ Heavy libraries (torch, prefect, mlflow, dvc) are imported inside the verbs, so
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Annotated, Any
 
@@ -36,8 +37,29 @@ class UsageError(Exception):
     """A problem the user can fix; printed without a traceback."""
 
 
+class _NoRunTracebacks(logging.Filter):
+    """Without ``--verbose``, Prefect's flow and task run loggers keep their one-line message, not the traceback.
+
+    A failed run logs its exception with the traceback at ERROR, which the
+    ``WARNING`` level of quiet mode lets through; the verb prints the error as
+    its one ``error:`` line itself. ``--verbose`` (``FEDFORGET_VERBOSE=1``)
+    keeps the tracebacks, here and in the Prefect UI.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if os.environ.get("FEDFORGET_VERBOSE") != "1":
+            record.exc_info = None
+            record.exc_text = None
+            record.stack_info = None
+        return True
+
+
 def quiet(verbose: bool) -> None:
     """Configure logging of the libraries before they are imported."""
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoRunTracebacks) for f in logger.filters):
+            logger.addFilter(_NoRunTracebacks())
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
