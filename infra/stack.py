@@ -4,22 +4,30 @@ Services, all from registry packages installed in the project's environment:
 
 - ``seaweedfs``: ``weed mini`` (S3 API with credentials), data under the stack dir;
 - ``mlflow``: ``mlflow server`` (sqlite backend, artifacts proxied to S3 on seaweedfs);
-- ``prefect``: ``prefect server start`` (sqlite, its own PREFECT_HOME).
+- ``prefect``: ``prefect server start`` (sqlite, its own PREFECT_HOME);
+- ``dask-scheduler``: ``dask scheduler`` (no dashboard), for ``federate.task_runner: dask``;
+- ``dask-workers``: ``dask worker --nworkers N --nthreads 1`` (N single-threaded worker
+  processes under one nanny process, default 2), run from the project root with the
+  project importable and the clients' environment (the env file's S3 endpoint and
+  credentials, store, MLflow and Prefect URLs): clients train there and use the store.
 
 Everything lives under ``FEDFORGET_STACK_DIR`` (default ``<project>/.stack``):
 ``data/``, ``logs/``, ``pids/``, ``stack.json`` (ports, bucket) and
 ``credentials.json`` (generated once, mode 0600). ``up`` is idempotent, waits
 on health endpoints (no fixed sleeps) and writes a ``source``-able env file
 (``FEDFORGET_STACK_ENV``, default ``infra/stack.env``) pointing fedforget,
-mlflow, prefect, dvc and the aws CLI at the stack. ``down`` stops by PID and
-leaves the data on disk.
+mlflow, prefect, dvc, the aws CLI and Dask runs (``FEDFORGET_DASK_ADDRESS``) at
+the stack. ``down`` stops by PID (each service's whole process group, workers
+before the scheduler) and leaves the data on disk.
 
 Ports (first ``up`` records them in ``stack.json``; environment variables
 override): ``FEDFORGET_STACK_S3_PORT`` (9000), ``FEDFORGET_STACK_MLFLOW_PORT``
-(5000), ``FEDFORGET_STACK_PREFECT_PORT`` (4200), and
+(5000), ``FEDFORGET_STACK_PREFECT_PORT`` (4200), ``FEDFORGET_STACK_DASK_PORT``
+(8786, the Dask scheduler; its workers listen on ports the kernel picks), and
 ``FEDFORGET_STACK_SEAWEED_PORT`` (19330: SeaweedFS's internal master, volume,
 filer and admin ports are this and the next three, each with a gRPC port
-10000 higher).
+10000 higher). ``FEDFORGET_STACK_DASK_WORKERS`` (2) sets the number of Dask
+worker processes, recorded like the ports.
 """
 
 from __future__ import annotations
@@ -42,14 +50,24 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 HOST = "127.0.0.1"
-SERVICES = ("seaweedfs", "mlflow", "prefect")
-DEFAULT_PORTS = {"s3": 9000, "mlflow": 5000, "prefect": 4200, "seaweed": 19330}
+# In dependency order (``up`` goes forward, ``down`` backward): MLflow's artifacts live on
+# seaweedfs; Dask workers register with the scheduler.
+SERVICES = ("seaweedfs", "mlflow", "prefect", "dask-scheduler", "dask-workers")
+DEFAULT_PORTS = {"s3": 9000, "mlflow": 5000, "prefect": 4200, "seaweed": 19330, "dask": 8786}
 PORT_ENV = {
     "s3": "FEDFORGET_STACK_S3_PORT",
     "mlflow": "FEDFORGET_STACK_MLFLOW_PORT",
     "prefect": "FEDFORGET_STACK_PREFECT_PORT",
     "seaweed": "FEDFORGET_STACK_SEAWEED_PORT",
+    "dask": "FEDFORGET_STACK_DASK_PORT",
 }
+SERVICE_PORT = {"mlflow": "mlflow", "prefect": "prefect", "dask-scheduler": "dask"}
+DEFAULT_DASK_WORKERS = 2
+DASK_WORKERS_ENV = "FEDFORGET_STACK_DASK_WORKERS"
+DASK_WORKER_NAME = "fedforget-stack"  # workers are named fedforget-stack-0, -1, ...
+# What the stack's environment file sets for clients; the Dask workers get the same, and not
+# whatever the shell that ran ``up`` had under these prefixes.
+CLIENT_PREFIXES = ("AWS_", "FEDFORGET_", "MLFLOW_", "PREFECT_")
 
 
 class StackError(RuntimeError):
@@ -68,7 +86,7 @@ def env_file() -> Path:
 
 
 def load_state(directory: Path) -> dict[str, Any]:
-    """Ports and bucket: recorded on first ``up`` so restarts keep them."""
+    """Ports, bucket and Dask worker count: recorded on first ``up`` so restarts keep them."""
     path = directory / "stack.json"
     state = json.loads(path.read_text()) if path.is_file() else {}
     ports = dict(DEFAULT_PORTS, **state.get("ports", {}))
@@ -76,7 +94,10 @@ def load_state(directory: Path) -> dict[str, Any]:
         if os.environ.get(variable):
             ports[name] = int(os.environ[variable])
     bucket = os.environ.get("FEDFORGET_STACK_BUCKET") or state.get("bucket") or "fedforget"
-    return {"ports": ports, "bucket": bucket}
+    workers = int(os.environ.get(DASK_WORKERS_ENV) or state.get("dask_workers") or DEFAULT_DASK_WORKERS)
+    if workers < 1:
+        raise StackError(f"{DASK_WORKERS_ENV} must be at least 1, not {workers}")
+    return {"ports": ports, "bucket": bucket, "dask_workers": workers}
 
 
 def save_state(directory: Path, state: dict[str, Any]) -> None:
@@ -129,7 +150,12 @@ def client_env(state: dict[str, Any], creds: dict[str, str]) -> dict[str, str]:
         "AWS_DEFAULT_REGION": "us-east-1",
         "MLFLOW_TRACKING_URI": f"http://{HOST}:{state['ports']['mlflow']}",
         "PREFECT_API_URL": f"http://{HOST}:{state['ports']['prefect']}/api",
+        "FEDFORGET_DASK_ADDRESS": dask_address(state),
     }
+
+
+def dask_address(state: dict[str, Any]) -> str:
+    return f"tcp://{HOST}:{state['ports']['dask']}"
 
 
 def write_env_file(values: dict[str, str]) -> Path:
@@ -215,6 +241,30 @@ def service_command(name: str, directory: Path, state: dict[str, Any]) -> tuple[
             "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem",
         }
         return cmd, env
+    if name in ("dask-scheduler", "dask-workers"):
+        # The project importable (flows.runners' tasks, components' protocols), telemetry off.
+        project = {
+            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "DO_NOT_TRACK": "1",
+        }
+        own = {k: v for k, v in os.environ.items() if not k.startswith(CLIENT_PREFIXES)}
+        if name == "dask-scheduler":  # schedules only: no credentials
+            cmd = [
+                str(BIN / "dask"), "scheduler", "--host", HOST, "--port", str(ports["dask"]),
+                "--no-dashboard", "--no-jupyter",
+            ]  # fmt: skip
+            return cmd, {**own, **project}
+        scratch = directory / "data" / "dask"
+        scratch.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            str(BIN / "dask"), "worker", dask_address(state),
+            "--nworkers", str(state["dask_workers"]), "--nthreads", "1", "--name", DASK_WORKER_NAME,
+            "--host", HOST, "--no-dashboard", "--local-directory", str(scratch),
+        ]  # fmt: skip
+        # Clients train here and read and write the store: the environment clients get.
+        return cmd, {**own, **client_env(state, creds), **project}
     raise StackError(f"unknown service {name!r}; services: {', '.join(SERVICES)}")
 
 
@@ -240,7 +290,40 @@ def healthy(name: str, directory: Path, state: dict[str, Any]) -> bool:
         return _http_ok(
             f"http://{HOST}:{ports['prefect']}/api/health", lambda code, body: code == 200 and b"true" in body
         )
+    if name == "dask-scheduler":
+        return dask_identity(state) is not None
+    if name == "dask-workers":
+        return len(stack_workers(dask_identity(state) or {})) >= state["dask_workers"]
     raise StackError(f"unknown service {name!r}")
+
+
+def dask_identity(state: dict[str, Any]) -> dict[str, Any] | None:
+    """What the scheduler says of itself and its workers, or None when no Dask scheduler answers."""
+    import asyncio
+
+    from distributed.core import rpc
+
+    async def ask() -> dict[str, Any]:
+        scheduler = rpc(dask_address(state), timeout=2)
+        try:
+            return await asyncio.wait_for(scheduler.identity(), 5)
+        finally:
+            await scheduler.close_rpc()
+
+    try:
+        identity = asyncio.run(ask())
+    except Exception:  # refused, closed, timed out, not speaking Dask's protocol: not healthy
+        return None
+    return identity if identity.get("type") == "Scheduler" else None
+
+
+def stack_workers(identity: dict[str, Any]) -> list[str]:
+    """The running workers ``dask-workers`` started (by name), of those registered."""
+    return [
+        address
+        for address, worker in identity.get("workers", {}).items()
+        if str(worker.get("name", "")).startswith(DASK_WORKER_NAME) and worker.get("status") == "running"
+    ]
 
 
 def _bucket_ready(directory: Path, state: dict[str, Any]) -> bool:
@@ -331,7 +414,9 @@ def _ports_of(name: str, state: dict[str, Any]) -> list[tuple[str, int]]:
         ]
         internal = [b, b + 1, b + 2, b + 3, b + 10000, b + 10001, b + 10002, b + 10003]
         return own + [("SeaweedFS internal, from FEDFORGET_STACK_SEAWEED_PORT", p) for p in internal]
-    return [(PORT_ENV[name], ports[name])]
+    if name not in SERVICE_PORT:  # Dask workers listen on ports the kernel picks
+        return []
+    return [(PORT_ENV[SERVICE_PORT[name]], ports[SERVICE_PORT[name]])]
 
 
 def wait_until(check: Callable[[], bool], timeout: float, what: str, alive: Callable[[], bool]) -> None:
@@ -357,13 +442,14 @@ def start(name: str, directory: Path, state: dict[str, Any], timeout: float = 12
     busy = [f"{port} ({var})" for var, port in _ports_of(name, state) if not _port_free(port)]
     if busy:
         raise StackError(f"{name}: port(s) in use: {', '.join(busy)}; choose others with the variable named")
+    if name == "dask-workers" and not healthy("dask-scheduler", directory, state):
+        raise StackError(f"dask-workers: no Dask scheduler answers at {dask_address(state)}; start dask-scheduler")
     cmd, env = service_command(name, directory, state)
     (directory / "logs").mkdir(parents=True, exist_ok=True)
     (directory / "pids").mkdir(parents=True, exist_ok=True)
     log = open(directory / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - the server writes it after we return
-    process = subprocess.Popen(
-        cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=directory, start_new_session=True
-    )
+    cwd = ROOT if name.startswith("dask-") else directory  # Dask: where the project's code is
+    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
     pid_file(directory, name).write_text(f"{process.pid}\n")
     started = time.monotonic()
     wait_until(lambda: healthy(name, directory, state), timeout, name, lambda: process.poll() is None)
@@ -377,11 +463,12 @@ def stop(name: str, directory: Path, timeout: float = 30.0) -> str:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGTERM)  # the service and its workers (it leads its own session)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _alive(pid):
+    while time.monotonic() < deadline and (_alive(pid) or _group_alive(pid)):
         time.sleep(0.2)
-    if _alive(pid):
-        os.killpg(pid, signal.SIGKILL)
-        while _alive(pid):
+    if _alive(pid) or _group_alive(pid):  # the service, or a worker process it left behind
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        while _alive(pid) or _group_alive(pid):
             time.sleep(0.1)
     pid_file(directory, name).unlink(missing_ok=True)
     return f"{name}: stopped (pid {pid})"
@@ -399,6 +486,27 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` (a service's session) is still running; zombies do not count."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(") ", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # exited meanwhile
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            return True
+    return False
+
+
 # --------------------------------------------------------------------------- commands
 
 
@@ -413,13 +521,14 @@ def up(names: list[str]) -> int:
     directory = stack_dir()
     state = load_state(directory)
     save_state(directory, state)
-    for name in _select(names):  # in dependency order: MLflow's artifacts live on seaweedfs
+    for name in _select(names):  # in dependency order (SERVICES)
         print(start(name, directory, state), flush=True)
     path = write_env_file(client_env(state, credentials(directory)))
     print(f"environment: . {path}")
     print(f"MLflow UI:   http://{HOST}:{state['ports']['mlflow']}")
     print(f"Prefect UI:  http://{HOST}:{state['ports']['prefect']}")
     print(f"S3:          http://{HOST}:{state['ports']['s3']} (bucket {state['bucket']})")
+    print(f"Dask:        {dask_address(state)} ({state['dask_workers']} workers; federate.task_runner=dask)")
     return 0
 
 
@@ -440,18 +549,20 @@ def status(names: list[str]) -> int:
         ok = pid is not None and healthy(name, directory, state)
         all_ok &= ok
         where = {
-            "seaweedfs": state["ports"]["s3"],
-            "mlflow": state["ports"]["mlflow"],
-            "prefect": state["ports"]["prefect"],
+            "seaweedfs": f"http://{HOST}:{state['ports']['s3']}",
+            "mlflow": f"http://{HOST}:{state['ports']['mlflow']}",
+            "prefect": f"http://{HOST}:{state['ports']['prefect']}",
+            "dask-scheduler": dask_address(state),
+            "dask-workers": f"{state['dask_workers']} workers -> {dask_address(state)}",
         }[name]
         state_text = "healthy" if ok else ("running, not healthy" if pid else "stopped")
-        print(f"{name:10} {state_text:22} pid {pid or '-':<8} http://{HOST}:{where}")
+        print(f"{name:14} {state_text:22} pid {pid or '-':<8} {where}")
     return 0 if all_ok else 3
 
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in ("up", "down", "status"):
-        print("usage: infra/stack.sh up|down|status [seaweedfs|mlflow|prefect ...]", file=sys.stderr)
+        print(f"usage: infra/stack.sh up|down|status [{'|'.join(SERVICES)} ...]", file=sys.stderr)
         return 2
     command, names = argv[0], argv[1:]
     try:

@@ -1,4 +1,4 @@
-"""The whole infra/ stack (SeaweedFS, MLflow server, Prefect server) for tests."""
+"""The whole infra/ stack (SeaweedFS, MLflow server, Prefect server, Dask scheduler and workers) for tests."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ class Stack:
             fd = os.open(directory / "credentials.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as fh:
                 json.dump({k: credentials[k] for k in ("access_key", "secret_key")}, fh)
-        s3, mlflow, prefect = free_ports(3)
+        s3, mlflow, prefect, dask = free_ports(4)
         while True:  # four consecutive internal ports (and their gRPC twins) for SeaweedFS
             (base,) = free_ports(1)
             if base + 10003 <= 65535 and all(
@@ -44,6 +44,7 @@ class Stack:
             "FEDFORGET_STACK_MLFLOW_PORT": str(mlflow),
             "FEDFORGET_STACK_PREFECT_PORT": str(prefect),
             "FEDFORGET_STACK_SEAWEED_PORT": str(base),
+            "FEDFORGET_STACK_DASK_PORT": str(dask),
         }
         return cls(directory, directory / "stack.env", settings)
 

@@ -67,7 +67,7 @@ def stack_sh(*args: str, tmp_path) -> subprocess.CompletedProcess[str]:
 
 def test_stack_script_reports_a_stopped_stack_and_refuses_bad_input(tmp_path):
     status = stack_sh("status", tmp_path=tmp_path)
-    assert status.returncode == 3 and status.stdout.count("stopped") == 3
+    assert status.returncode == 3 and status.stdout.count("stopped") == 5  # seaweedfs ... dask-workers
     assert stack_sh("down", tmp_path=tmp_path).returncode == 0  # nothing running: nothing to do
     assert stack_sh("restart", tmp_path=tmp_path).returncode == 2
     bad = stack_sh("up", "redis", tmp_path=tmp_path)
