@@ -9,6 +9,10 @@ several separated by ``;``). Actions:
     Create ``<path>.reached``, then wait (up to 10 minutes) until ``<path>``
     exists, so a harness can break something (stop a server) at exactly that
     moment and then let the process go on.
+``raise``
+    Raise :class:`FailpointError` there (a client that crashes).
+``sleep:<seconds>``
+    Sleep there, in short steps (a client that hangs past its timeout).
 
 Production never sets the variable; each call costs one environment lookup.
 """
@@ -23,6 +27,10 @@ from pathlib import Path
 ENV = "FEDFORGET_FAILPOINT"
 
 
+class FailpointError(RuntimeError):
+    """Raised by a failpoint whose action is ``raise``."""
+
+
 def failpoint(name: str) -> None:
     """Act if ``FEDFORGET_FAILPOINT`` names ``name``; otherwise do nothing."""
     spec = os.environ.get(ENV)
@@ -35,6 +43,12 @@ def failpoint(name: str) -> None:
         action = action.strip()
         if action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        elif action == "raise":
+            raise FailpointError(f"failpoint {name}")
+        elif action.startswith("sleep:"):
+            deadline = time.monotonic() + float(action[len("sleep:") :])
+            while time.monotonic() < deadline:  # short steps: a task timeout can interrupt it
+                time.sleep(0.05)
         elif action.startswith("pause:"):
             gate = Path(action[len("pause:") :])
             gate.with_name(gate.name + ".reached").touch()

@@ -36,10 +36,13 @@ from components.federation.logits.client import stage_public
 from components.federation.logits.protocol import SoftLabels
 from components.federation.protocol import Protocol
 from components.federation.rounds import Federation, RoundResult, run_round
+from components.federation.split.protocol import SplitFed
 from components.federation.weights.privacy import lineage_accountant
 from components.federation.weights.protocol import WeightAveraging
 from components.learning.train import torch_threads
 from components.lineage.history import UpdateHistory
+from components.lineage.manifests import Manifest
+from components.lineage.retention import RetentionPass, apply_retention
 from components.lineage.store import open_store
 from components.lineage.tags import federation_run_tags, global_version_tags, privacy_tags
 from components.models.students import ModelSpec, init_model
@@ -71,6 +74,11 @@ def register_version_task(
     tags: Mapping[str, str],
 ) -> VersionInfo:
     return tracker.register_model(run_id, spec, state, input_shape, f"global-round-{server_round:05d}", tags)
+
+
+@task(name="apply-retention", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def retention_task(history: UpdateHistory, head: Any, keep_rounds: int, protect: list[Manifest]) -> RetentionPass:
+    return apply_retention(history, head, keep_rounds, protect)
 
 
 def new_federation_id() -> str:
@@ -123,7 +131,9 @@ def build_protocol(config: Config, data_dir: Path, store: Any, data_version: str
     if config.federate.protocol == "soft-labels":
         public = stage_public(store, read_public(data_dir), data_version)
         return SoftLabels(public, spec, config.federate.soft_label_settings())
-    return WeightAveraging(config.federate.weight_strategy())
+    if config.federate.protocol == "splitfed":
+        return SplitFed(config.federate.weight_strategy(), config.federate.split_cut, spec.name)
+    return WeightAveraging(config.federate.weight_strategy(), config.history.update_dtype)
 
 
 def _federate(runtime: Runtime, config: Config, profile: str, fresh: bool, promote: str) -> dict[str, Any]:
@@ -177,7 +187,15 @@ def _federate(runtime: Runtime, config: Config, profile: str, fresh: bool, promo
         train=config.train.settings(), seed=config.federate.seed, data_version=data_version,
         shards=stage_shards(store, data, data_version, available),
         sizes={cid: data.num_examples(cid) for cid in available}, threads=None if in_threads else threads,
+        min_fit_clients=config.federate.min_fit_clients,
     )  # fmt: skip
+    if getattr(protocol, "holds_all_updates", False):
+        logger.info(
+            "strategy %s needs every update of a round at once: the server holds up to %d updates in memory",
+            config.federate.strategy, config.federate.clients_per_round or len(available),
+        )  # fmt: skip
+    # sums retention never drops what forgetting from the champion needs (its live running sums)
+    protected = [history.read_manifest(head.manifest)] if resumed is not None and head.manifest else []
     run_tags = federation_run_tags(
         federation_id=federation_id, profile=profile, data_version=data_version, store=store.url,
         protocol=protocol.name, resumed_from=parent_version, flow_run_id=str(current_flow_run.id),
@@ -196,7 +214,7 @@ def _federate(runtime: Runtime, config: Config, profile: str, fresh: bool, promo
     call = prefect_call(config)
     try:
         with build_task_runner(config) as runner, torch_threads(threads if in_threads else None):
-            client_map = prefect_client_map(runner, protocol)
+            client_map = prefect_client_map(runner, protocol, config.federate.client_timeout_s)
             for server_round in range(first, last + 1):
                 failpoint(f"federate:before-round:{server_round}")
                 result = run_round(
@@ -225,7 +243,21 @@ def _federate(runtime: Runtime, config: Config, profile: str, fresh: bool, promo
                 version, register_s = _timed(
                     register_version_task, tracker, run_id, spec, result.state, input_shape, server_round, tags
                 )
-                row = _round_row(result, test, evaluate_s, register_s)
+                if result.failures:
+                    logger.warning(
+                        "round %d: left out %s", server_round,
+                        "; ".join(f"{f.client_id} ({f.reason})" for f in result.failures),
+                    )  # fmt: skip
+                retention_s = 0.0
+                if config.history.retention == "sums":
+                    dropped, retention_s = _timed(
+                        retention_task, history, result.manifest_ref, config.history.keep_rounds, protected
+                    )
+                    if dropped.dropped:
+                        logger.info(
+                            "retention: dropped %d objects of round %d", len(dropped.dropped), dropped.server_round
+                        )
+                row = _round_row(result, test, evaluate_s, register_s) | {"retention_s": retention_s}
                 tracker.log_metrics(run_id, {k: v for k, v in row.items() if k != "round"}, step=server_round)
                 if result.outcome.record:  # the strategy's decisions (credit: groups, scores, thresholds, excluded)
                     record = json.dumps(dict(result.outcome.record), indent=2, sort_keys=True, default=str)
@@ -307,6 +339,7 @@ def _round_row(
         "test_loss": test["loss"],
         "train_loss": float(np.mean([m.get("train_loss", np.nan) for m in metrics])),
         "clients": float(len(metrics)),
+        "failed_clients": float(len(result.failures)),
         "excluded_clients": float(len(result.outcome.record.get("excluded", []))),
         **_bytes(result),
         "client_compute_s_sum": float(sum(compute)),

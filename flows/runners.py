@@ -16,8 +16,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
 from components.config.sections import Config
-from components.federation.protocol import ClientReply, ClientTask, Protocol
-from components.federation.rounds import Call, ClientMap, ClientStep
+from components.federation.protocol import ClientFailure, ClientReply, ClientTask, Protocol
+from components.federation.rounds import Call, ClientMap, ClientStep, failure_of
+from flows.failpoints import failpoint
 
 
 def build_task_runner(config: Config) -> TaskRunner[Any]:
@@ -47,15 +48,29 @@ def build_task_runner(config: Config) -> TaskRunner[Any]:
 
 @task(name="train-client", cache_policy=NO_CACHE, task_run_name="train-{client.client_id}-r{client.server_round}")
 def train_client_task(protocol: Protocol, client: ClientTask) -> ClientReply:
+    failpoint(f"train-client:{client.client_id}")
     return protocol.client_step(client)
 
 
-def prefect_client_map(runner: TaskRunner[Any], protocol: Protocol) -> ClientMap:
-    """One ``train-client`` task per client, on ``runner`` (entered by the caller)."""
+def prefect_client_map(runner: TaskRunner[Any], protocol: Protocol, timeout_s: float | None = None) -> ClientMap:
+    """One ``train-client`` task per client, on ``runner`` (entered by the caller).
 
-    def run(step: ClientStep, tasks: Sequence[ClientTask]) -> list[ClientReply]:
-        futures = [runner.submit(train_client_task, parameters={"protocol": protocol, "client": t}) for t in tasks]
-        return [future.result() for future in futures]
+    A client task that raises, or runs longer than ``timeout_s`` (Prefect's
+    task timeout: it counts the client's own run, not its time in the queue),
+    comes back as a :class:`ClientFailure`; the round decides whether enough
+    clients finished.
+    """
+    train = train_client_task.with_options(timeout_seconds=timeout_s) if timeout_s else train_client_task
+
+    def run(step: ClientStep, tasks: Sequence[ClientTask]) -> list[ClientReply | ClientFailure]:
+        futures = [runner.submit(train, parameters={"protocol": protocol, "client": t}) for t in tasks]
+        returned: list[ClientReply | ClientFailure] = []
+        for client, future in zip(tasks, futures):
+            try:
+                returned.append(future.result())
+            except Exception as exc:
+                returned.append(failure_of(client, exc))
+        return returned
 
     return run
 

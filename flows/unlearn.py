@@ -305,15 +305,14 @@ def _unlearn(
     source_state = history.read_state(source_manifest.global_state)
     spec = source_manifest.model
     input_shape = (1, *data.meta["image_shape"])
+    # 2. Forget (reads only): a refusal here (e.g. objects dropped by retention) leaves no run behind.
+    result = forget_task(store_url, source_ref, source_manifest, client_id, config.unlearn.variant)
+    forgotten = time.perf_counter()
     run_id = tracker.start_run(request_id, tags=unlearning_run_tags(
         request_id=request_id, client_id=client_id, source_version=source.version, variant=config.unlearn.variant,
         teacher=config.unlearn.teacher, flow_run_id=str(current_flow_run.id),
     ))  # fmt: skip
     try:
-        # 2. Forget.
-        result = forget_task(store_url, source_ref, source_manifest, client_id, config.unlearn.variant)
-        forgotten = time.perf_counter()
-
         # 3-4. Recover quality by distillation (unless teacher is none).
         teacher_run_id, server_version, distill_metrics = "none", "none", {}
         final_state = result.state

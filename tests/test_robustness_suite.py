@@ -35,12 +35,17 @@ def test_a_tiny_run_gives_every_row_finite_and_a_forgetting_measurement(tmp_path
     seed = run_seed(settings, load_digits_dataset(), 0, tmp_path / "work", log=lambda _: None)
     result = {"config": {**settings.record(), "profile": "tiny", "seeds": 1}, **summarise([seed])}
     # Assert: the grid, with exactly the fields
-    rows = result["rows"]
+    rows = [r for r in result["rows"] if r["protocol"] == "weights"]
     grid = [(s, a, f) for s in STRATEGIES for a, f in (("none", 0.0), ("scaling", 0.2), ("backdoor", 0.2))]
     assert [(r["strategy"], r["attack"], r["malicious_fraction"]) for r in rows if r["sigma"] is None] == grid
     assert [(r["strategy"], r["sigma"]) for r in rows if r["sigma"] is not None] == [("credit", 0.0), ("credit", 1.0)]
-    for row in rows:
-        assert tuple(row) == ROW_FIELDS and row["protocol"] == "weights" and row["seeds"] == 1
+    # and the split-learning run: its link moves other bytes than the weight protocol's model, both ways
+    [split] = [r for r in result["rows"] if r["protocol"] == "splitfed"]
+    assert (split["strategy"], split["attack"]) == ("credit", "none") and 0 <= split["test_accuracy"] <= 1
+    assert split["bytes_per_round"] != rows[0]["bytes_per_round"] and split["download_bytes_per_round"] > 0
+    assert split["benign_excluded_rate"] is not None
+    for row in result["rows"]:
+        assert tuple(row) == ROW_FIELDS and row["seeds"] == 1
         assert row["test_accuracy_sd"] == 0.0
         for key in ("test_accuracy", "backdoor_asr", "bytes_per_round"):
             assert math.isfinite(row[key])
@@ -70,5 +75,5 @@ def test_a_tiny_run_gives_every_row_finite_and_a_forgetting_measurement(tmp_path
     assert any(t["target"].startswith("forgetting the backdoor attackers") for t in result["targets"])
     # the report renders and plots
     markdown = render_markdown(result)
-    assert "| Credit + DP (σ=1) | none |" in markdown and "splitfed" in markdown
+    assert "| weights | Credit + DP (σ=1) | none |" in markdown and "| splitfed | Credit | none |" in markdown
     assert all(p.is_file() for p in plot(result, tmp_path / "out"))

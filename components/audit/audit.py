@@ -25,6 +25,7 @@ from components.core.refs import ObjectRef, sha256_bytes
 from components.federation.protocol import UnlearningError
 from components.lineage.history import manifest_objects
 from components.lineage.manifests import Manifest, RoundManifest, UnlearningManifest, manifest_from_bytes
+from components.lineage.retention import dropped_objects
 from components.lineage.store import ObjectNotFound, ObjectStore, StoreError
 from components.lineage.tags import expected_version_tags
 from components.unlearning.retire import read_retirements
@@ -40,7 +41,7 @@ class ObjectCheck:
     what: str
     key: str
     sha256: str
-    status: str  # ok | mismatch | missing | purged | retired
+    status: str  # ok | mismatch | missing | purged | retired | dropped (by retention)
     actual_sha256: str | None = None
     purged_by: str | None = None  # request id of the deletion that purged (or retired) it
     tombstone_sha256: str | None = None  # the hash the tombstone (or retirement record) recorded for it
@@ -143,6 +144,7 @@ class AuditReport:
                 "ok": counts.get("ok", 0),
                 "purged": counts.get("purged", 0),
                 "retired": counts.get("retired", 0),
+                "dropped": counts.get("dropped", 0),
                 "missing": counts.get("missing", 0),
                 "mismatch": counts.get("mismatch", 0),
                 "items": [asdict(c) for c in self.objects],
@@ -182,6 +184,8 @@ class _Auditor:
         for record in retirements:
             for state in record.get("states", []):
                 self.explained.setdefault(state["key"], ("retired", record.get("request_id"), state["sha256"]))
+        for key, item in dropped_objects(store).items():
+            self.explained.setdefault(key, ("dropped", item.get("reason"), item["sha256"]))
         self.checked: dict[str, ObjectCheck] = {}
         self.findings: list[Finding] = []
 

@@ -81,7 +81,9 @@ class FederateConfig(Section):
     # e.g. {beta: 0.2} for trimmed-mean, {num_malicious: 2} for krum, {num_groups: 2, mad_factor: 3} for credit
     # weights: clients upload weight deltas (strategy below); soft-labels: clients keep their models and upload
     # soft labels on the public set D (data.public_size), grouped by similarity (grouping) per soft_labels
-    protocol: Literal["weights", "soft-labels"] = "weights"
+    # splitfed: the model cut after split_cut stages; clients send activations, the server returns their gradients
+    protocol: Literal["weights", "soft-labels", "splitfed"] = "weights"
+    split_cut: int = Field(2, ge=1)
     grouping: Literal["none", "similarity"] = "similarity"
     soft_labels: dict[str, Any] = Field(default_factory=dict)  # SoftLabelSettings' knobs (T, beta, epochs...)
     strategy: Literal["fedavg", "median", "trimmed-mean", "krum", "credit"] = "fedavg"
@@ -92,6 +94,10 @@ class FederateConfig(Section):
     dp_clipping_norm: float = Field(1.0, gt=0)
     dp_delta: float = Field(1e-5, gt=0, lt=1)
     clients_per_round: int | None = Field(None, ge=1)
+    # failures tolerated: a round commits when at least min_fit_clients of its clients finish (null = all of
+    # them); a client that raises or runs past client_timeout_s is recorded and left out of that round
+    min_fit_clients: int | None = Field(None, ge=1)
+    client_timeout_s: float | None = Field(None, gt=0)
     seed: int = 0
     resume: bool = True
     task_runner: Literal["threads", "processes", "dask"] = "threads"
@@ -134,6 +140,18 @@ class FederateConfig(Section):
             return inner
         return build_strategy("dp-server", strategy=inner, noise_multiplier=self.dp_noise_multiplier,
                               clipping_norm=self.dp_clipping_norm, seed=self.seed)  # fmt: skip
+
+
+class HistoryConfig(Section):
+    """The ``history`` section: what the update archive keeps (components/lineage/retention.py)."""
+
+    # full: every per-round update object stays; sums: each client's running sum and every manifest stay, and
+    # the per-round update objects (and superseded sums) of rounds older than keep_rounds are dropped
+    retention: Literal["full", "sums"] = "full"
+    keep_rounds: int = Field(2, ge=1)
+    # float16: clients upload their deltas in half precision (half the archive); the server applies exactly
+    # what was stored, so forgetting stays exact with respect to the model that was trained
+    update_dtype: Literal["float32", "float16"] = "float32"
 
 
 class UnlearnConfig(Section):
@@ -261,6 +279,7 @@ class Config(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     federate: FederateConfig = Field(default_factory=FederateConfig)
+    history: HistoryConfig = Field(default_factory=HistoryConfig)
     unlearn: UnlearnConfig = Field(default_factory=UnlearnConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)

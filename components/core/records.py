@@ -51,17 +51,26 @@ class ClientUpdate:
     ``contribution()`` is exactly what forgetting the client must subtract.
     ``upload`` is the archived object the client sent; a strategy that clipped
     or perturbed it sets ``modified`` and the history archives the applied
-    ``delta`` next to it.
+    ``delta`` next to it. A streaming strategy, which never holds every delta
+    at once, leaves ``delta`` as ``None`` for an unmodified upload: the
+    history reads it back from ``upload`` when it archives the round.
     """
 
     client_id: str
     server_round: int
     num_examples: int
     weight: float
-    delta: StateDict = field(repr=False)
+    delta: StateDict | None = field(repr=False)
     upload: ObjectRef | None = None
     modified: bool = False
 
-    def contribution(self) -> StateDict:
-        """The applied contribution ``weight * delta``."""
-        return weighted_sum([self.delta], [self.weight])
+    def __post_init__(self) -> None:
+        if self.delta is None and (self.upload is None or self.modified):
+            raise ValueError(f"update of {self.client_id}: no delta and no unmodified upload to read it from")
+
+    def contribution(self, delta: StateDict | None = None) -> StateDict:
+        """The applied contribution ``weight * delta`` (``delta``: the one read back from ``upload``)."""
+        applied = self.delta if self.delta is not None else delta
+        if applied is None:
+            raise ValueError(f"update of {self.client_id} holds no delta: read it from {self.upload}")
+        return weighted_sum([applied], [self.weight])

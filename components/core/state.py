@@ -30,6 +30,21 @@ def _cast_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return value.round().to(like.dtype)
 
 
+def cast_to(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``value`` (a float64 accumulator) as ``dtype``, rounded when that is an integer type."""
+    return _cast_like(value, torch.empty(0, dtype=dtype))
+
+
+def widen(state: Mapping[str, torch.Tensor]) -> StateDict:
+    """``state`` with half-precision floats as float32 (exact): what the server applies of an fp16 upload."""
+    return {k: v.float() if v.dtype in (torch.float16, torch.bfloat16) else v for k, v in state.items()}
+
+
+def narrow(state: Mapping[str, torch.Tensor]) -> StateDict:
+    """``state`` with float32/float64 entries as float16 (what a client uploads with ``update_dtype: float16``)."""
+    return {k: v.half() if v.dtype in (torch.float32, torch.float64) else v for k, v in state.items()}
+
+
 def clone_state(state: Mapping[str, torch.Tensor]) -> StateDict:
     """Return a detached deep copy of ``state`` on the CPU."""
     return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}

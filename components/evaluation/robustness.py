@@ -45,8 +45,9 @@ from components.data.staging import stage_splits
 from components.evaluation.attacks import ATTACKS, apply_data_attack, apply_update_attack
 from components.evaluation.unlearning import mean_std
 from components.federation.client import train_weights_client
-from components.federation.protocol import ClientReply, ClientTask
+from components.federation.protocol import ClientReply, ClientTask, Protocol
 from components.federation.rounds import Federation, run_round, thread_map
+from components.federation.split.protocol import SplitFed
 from components.federation.weights.privacy import PrivacyAccountant
 from components.federation.weights.protocol import WeightAveraging
 from components.federation.weights.strategy import Strategy, build_strategy
@@ -73,6 +74,7 @@ ROW_FIELDS = (
     "epsilon",
     "bytes_per_round",
     "seeds",
+    "download_bytes_per_round",
 )
 KEY_FIELDS = ROW_FIELDS[:5]
 
@@ -104,6 +106,11 @@ class RobustnessSettings:
     target_class: int = 0
     trigger_size: int = 3
     forget_point: tuple[str, str, float] | None = ("credit", "backdoor", 0.2)  # strategy, attack, fraction
+    # federated split learning runs (strategy, attack, fraction): the client part aggregated by the strategy;
+    # data attacks only (an update attack has no meaning for activations); cut after split_cut stages
+    splitfed: tuple[tuple[str, str | None, float], ...] = (("fedavg", None, 0.0), ("credit", None, 0.0),
+                                                           ("credit", "label-flip", 0.2))  # fmt: skip
+    split_cut: int = 1
     max_workers: int = 2
     federate_seed: int = 0
 
@@ -121,6 +128,7 @@ class RobustnessSettings:
             server_epochs=4,
             trigger_size=2,
             forget_point=("credit", "backdoor", 0.4),
+            splitfed=(("credit", None, 0.0),),
         )
 
     def record(self) -> dict[str, Any]:
@@ -133,6 +141,7 @@ class RobustnessSettings:
             "sigmas": list(self.sigmas), "clipping_norm": self.clipping_norm, "dp_delta": self.dp_delta,
             "trimmed_beta": self.trimmed_beta, "krum_fraction": self.krum_fraction,
             "credit_groups": self.credit_groups, "server_epochs": self.server_epochs,
+            "splitfed": [list(run) for run in self.splitfed], "split_cut": self.split_cut,
             "scaling_factor": self.scaling_factor, "gaussian_std": self.gaussian_std,
             "backdoor_fraction": self.backdoor_fraction, "target_class": self.target_class,
             "trigger_size": self.trigger_size, "forget_point": self.forget_point,
@@ -226,7 +235,7 @@ class Point:
 
 
 def federate(point: Point, strategy: str, attack: str | None, fraction: float, sigma: float | None,
-             federation_id: str, exclude: Sequence[str] = ()) -> dict[str, Any]:  # fmt: skip
+             federation_id: str, exclude: Sequence[str] = (), protocol_name: str = "weights") -> dict[str, Any]:  # fmt: skip
     """Rounds of one grid point through the production round function; its raw numbers and final lineage."""
     s, fseed = point.settings, point.settings.federate_seed + point.seed
     malicious = point.malicious(fraction) if attack else []
@@ -242,7 +251,12 @@ def federate(point: Point, strategy: str, attack: str | None, fraction: float, s
     if sigma is not None:
         inner = build_strategy("dp-server", strategy=inner, noise_multiplier=sigma, clipping_norm=s.clipping_norm,
                                seed=fseed)  # fmt: skip
-    protocol = AttackedWeights(inner, malicious, attack if target == "update" else None, params)
+    if protocol_name == "splitfed":
+        if target == "update":
+            raise ValueError(f"splitfed runs take data attacks only, not {attack}")
+        protocol: Protocol = SplitFed(inner, s.split_cut, point.spec.name)
+    else:
+        protocol = AttackedWeights(inner, malicious, attack if target == "update" else None, params)
     state = init_model(point.spec, fseed).state_dict()
     history = UpdateHistory(LocalStore(point.root / federation_id))
     head = history.write_initial(federation_id, state, point.spec, fseed)
@@ -253,14 +267,19 @@ def federate(point: Point, strategy: str, attack: str | None, fraction: float, s
     round_rng, server_state, result = np.random.default_rng([fseed, 0]), None, None
     accountant = PrivacyAccountant() if sigma else None
     excluded = {"malicious": [0, 0], "benign": [0, 0]}  # [excluded, client-rounds]
-    measured_exclusion, upload = False, []
+    measured_exclusion, upload, download = False, [], []
     for _ in range(s.rounds):
         with torch_threads(threads):
             result = run_round(protocol, federation, head, state, server_state, clients, round_rng,
                                thread_map(s.max_workers))  # fmt: skip
         head, state, server_state = result.head, result.state, result.outcome.server_state
-        upload.append(sum(int(r.upload.size or 0) for r in result.replies))
         record = result.outcome.record
+        if "communication" in record:  # splitfed: activations, labels and the client part up; gradients down
+            upload.append(sum(record["communication"]["upload_bytes"].values()))
+            download.append(sum(record["communication"]["download_bytes"].values()))
+        else:  # the model's delta up, the model down
+            upload.append(sum(int(r.upload.size or 0) for r in result.replies))
+            download.append(upload[-1])
         measured_exclusion = measured_exclusion or "excluded" in record
         for r in result.replies:
             kind = excluded["malicious" if r.client_id in malicious else "benign"]
@@ -281,7 +300,8 @@ def federate(point: Point, strategy: str, attack: str | None, fraction: float, s
         "backdoor_asr": attack_success_rate(model, point.test, s.target_class, s.trigger_size),
         "malicious_excluded_rate": rate("malicious"), "benign_excluded_rate": rate("benign"),
         "epsilon": accountant.epsilon(s.dp_delta) if accountant is not None else None,
-        "bytes_per_round": float(np.mean(upload)), "malicious": malicious,
+        "bytes_per_round": float(np.mean(upload)), "download_bytes_per_round": float(np.mean(download)),
+        "malicious": malicious,
         "state": state, "manifest": result.manifest_ref, "history": history,
     }  # fmt: skip
 
@@ -332,6 +352,11 @@ def grid(s: RobustnessSettings) -> list[tuple[str, str | None, float, float | No
     return points
 
 
+def grid_points(s: RobustnessSettings) -> list[tuple[str, str, str | None, float, float | None]]:
+    """(protocol, strategy, attack, fraction, sigma): the weight grid, then the splitfed runs."""
+    return [("weights", *p) for p in grid(s)] + [("splitfed", st, a, f, None) for st, a, f in s.splitfed]
+
+
 def run_seed(
     settings: RobustnessSettings, raw: RawDataset, seed: int, workdir: str | Path, log: Callable[[str], None] = print
 ) -> dict[str, Any]:
@@ -347,11 +372,11 @@ def run_seed(
                   root / "runs", [ids[i] for i in order], seed)  # fmt: skip
     out: dict[str, Any] = {"seed": seed, "runs": [], "forgetting": None}
     forget_at = tuple(settings.forget_point) if settings.forget_point else None
-    for n, (strategy, attack, fraction, sigma) in enumerate(grid(settings)):
-        log(f"seed {seed}: {strategy}, attack {attack or 'none'} at {fraction}, sigma {sigma} "
+    for n, (protocol, strategy, attack, fraction, sigma) in enumerate(grid_points(settings)):
+        log(f"seed {seed}: {protocol}/{strategy}, attack {attack or 'none'} at {fraction}, sigma {sigma} "
             f"({len(ids)} clients, {settings.rounds} rounds)")  # fmt: skip
-        run = federate(point, strategy, attack, fraction, sigma, f"run-{seed}-{n}")
-        if forget_at == (strategy, attack, fraction) and sigma is None and run["malicious"]:
+        run = federate(point, strategy, attack, fraction, sigma, f"run-{seed}-{n}", protocol_name=protocol)
+        if forget_at == (strategy, attack, fraction) and sigma is None and run["malicious"] and protocol == "weights":
             log(f"seed {seed}: forgetting {len(run['malicious'])} attacker(s) vs retraining without them")
             out["forgetting"] = measure_forgetting(point, run, f"retrain-{seed}") | {"seed": seed}
         shutil.rmtree(point.root / f"run-{seed}-{n}", ignore_errors=True)  # a full grid's archives fill a disk
@@ -377,6 +402,7 @@ def summarise(seed_results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         rows.append({
             **dict(zip(KEY_FIELDS, key)), "test_accuracy": mean, "test_accuracy_sd": sd,
             **{k: _mean([r[k] for r in runs]) for k in ROW_FIELDS[7:12]}, "seeds": len(runs),
+            "download_bytes_per_round": _mean([r.get("download_bytes_per_round") for r in runs]),
         })  # fmt: skip
     dp = [r for r in rows if r["sigma"] is not None]
     curve = [{"sigma": r["sigma"], "epsilon": r["epsilon"], "test_accuracy": r["test_accuracy"]} for r in dp]
@@ -393,7 +419,11 @@ def summarise(seed_results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 def targets(rows: Sequence[Mapping[str, Any]], forgetting: Mapping[str, Any] | None) -> list[dict[str, Any]]:
     """The issue's targets, as measured (points are percentage points)."""
-    by = {(r["strategy"], r["attack"], r["malicious_fraction"]): r for r in rows if r["sigma"] is None}
+    by = {
+        (r["strategy"], r["attack"], r["malicious_fraction"]): r
+        for r in rows
+        if r["sigma"] is None and r["protocol"] == "weights"
+    }
     out = []
     clean = by.get(("fedavg", "none", 0.0))
     for attack in ("sign-flip", "scaling"):

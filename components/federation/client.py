@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -20,7 +20,7 @@ import torch
 from components.core.records import ClientResult
 from components.core.refs import ObjectRef
 from components.core.serialize import state_from_bytes, state_to_bytes
-from components.core.state import non_finite_keys, subtract
+from components.core.state import narrow, non_finite_keys, subtract, widen
 from components.data.datasets import Split
 from components.data.layout import read_split
 from components.data.staging import split_from_bytes
@@ -63,6 +63,11 @@ _BASE_STATES = _ContentCache(lambda data: state_from_bytes(data)[0], capacity=2)
 _SHARDS = _ContentCache(split_from_bytes, capacity=8)
 
 
+def load_base(task: ClientTask) -> dict[str, torch.Tensor]:
+    """The global state the client starts from, from the store (hash-checked, shared by a round's clients)."""
+    return _BASE_STATES.get(task.store_url, task.base)
+
+
 def load_shard(task: ClientTask) -> Split:
     """The client's training data, from the store (hash-checked)."""
     return _SHARDS.get(task.store_url, task.shard)
@@ -79,6 +84,8 @@ def train_weights_client(task: ClientTask) -> ClientReply:
     generator = torch.Generator().manual_seed(task.seed)
     metrics = train_client(model, data, task.train, generator)
     delta = subtract(model.state_dict(), base)
+    if task.settings.get("update_dtype") == "float16":  # half the bytes; the server applies exactly these
+        delta = narrow(delta)
     meta = {"kind": "update", "client_id": task.client_id, "server_round": task.server_round, "num_examples": len(data)}
     upload = open_store(task.store_url).put(task.upload_key, state_to_bytes(delta, meta), overwrite=False)
     return ClientReply(
@@ -90,29 +97,47 @@ def train_weights_client(task: ClientTask) -> ClientReply:
     )
 
 
+def read_result(reply: ClientReply, store: ObjectStore) -> ClientResult:
+    """The uploaded delta behind ``reply``, checked against its sha256 (half precision widened, exactly)."""
+    if reply.upload is None:
+        raise ValueError(f"client {reply.client_id} uploaded no update")
+    delta = widen(state_from_bytes(store.get_verified(reply.upload))[0])
+    return ClientResult(reply.client_id, reply.server_round, reply.num_examples, delta, dict(reply.metrics),
+                        upload=reply.upload)  # fmt: skip
+
+
 def read_results(replies: Sequence[ClientReply], store: ObjectStore) -> list[ClientResult]:
     """The uploaded deltas behind ``replies``, each checked against its sha256."""
-    return [
-        ClientResult(r.client_id, r.server_round, r.num_examples, state_from_bytes(store.get_verified(r.upload))[0],
-                     dict(r.metrics), upload=r.upload)
-        for r in replies
-    ]  # fmt: skip
+    return [read_result(r, store) for r in replies]
+
+
+def stream_results(server_round: int, replies: Sequence[ClientReply], store: ObjectStore) -> Iterator[ClientResult]:
+    """Each reply's delta, read and checked only when the consumer asks for it (one in memory at a time)."""
+    for reply in replies:
+        result = read_result(reply, store)
+        check_result(server_round, result)
+        yield result
+
+
+def check_result(server_round: int, result: ClientResult) -> None:
+    """Refuse a result that is unusable (server side: never trust a client)."""
+    if result.server_round != server_round:
+        raise ValueError(f"client {result.client_id} answered for round {result.server_round}, not {server_round}")
+    if result.num_examples <= 0:
+        raise ValueError(f"client {result.client_id} reported {result.num_examples} examples")
+    bad = non_finite_keys(result.delta)
+    if bad:
+        raise NonFiniteUpdateError(
+            f"round {server_round}: the update of client {result.client_id} holds NaN or "
+            f"infinity in {', '.join(bad[:3])}; the round is not committed "
+            "(lower train.lr or check that client's data)"
+        )
 
 
 def check_results(server_round: int, results: Sequence[ClientResult]) -> None:
-    """Refuse a round whose results are unusable (server side: never trust a client)."""
+    """Refuse a round whose results are unusable."""
     for result in results:
-        if result.server_round != server_round:
-            raise ValueError(f"client {result.client_id} answered for round {result.server_round}, not {server_round}")
-        if result.num_examples <= 0:
-            raise ValueError(f"client {result.client_id} reported {result.num_examples} examples")
-        bad = non_finite_keys(result.delta)
-        if bad:
-            raise NonFiniteUpdateError(
-                f"round {server_round}: the update of client {result.client_id} holds NaN or "
-                f"infinity in {', '.join(bad[:3])}; the round is not committed "
-                "(lower train.lr or check that client's data)"
-            )
+        check_result(server_round, result)
 
 
 def evaluate_state(

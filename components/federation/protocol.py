@@ -107,6 +107,20 @@ class ClientReply:
 
 
 @dataclass(frozen=True)
+class ClientFailure:
+    """A selected client that did not finish its round: it raised, or ran past the per-client timeout.
+
+    It is recorded in the round's manifest and left out of that round: nothing
+    is attributed to it. ``error`` is the exception, when there was one.
+    """
+
+    client_id: str
+    server_round: int
+    reason: str
+    error: BaseException | None = field(default=None, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
 class RoundOutcome:
     """A server step's result and its contribution record.
 
@@ -194,6 +208,7 @@ BUILTIN_PROTOCOL_MODULES = (
     "components.federation.hetero.ensemble",
     "components.federation.hetero.shared_base",
     "components.federation.fewshot.protocol",
+    "components.federation.split.protocol",
 )
 ProtocolFactory = Callable[[Mapping[str, Any]], Protocol]
 PROTOCOLS: dict[str, ProtocolFactory] = {}

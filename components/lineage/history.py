@@ -43,7 +43,7 @@ from components.core.ids import validate_id
 from components.core.records import ClientUpdate
 from components.core.refs import ObjectRef, sha256_bytes
 from components.core.serialize import state_from_bytes, state_to_bytes
-from components.core.state import StateDict, add, clone_state
+from components.core.state import StateDict, add, clone_state, widen
 from components.lineage.manifests import (
     ClientEntry,
     LineageHead,
@@ -80,6 +80,10 @@ class UpdateHistory:
     def read_state(self, ref: ObjectRef) -> StateDict:
         """Read a state after checking its sha256."""
         return state_from_bytes(self.store.get_verified(ref))[0]
+
+    def read_update(self, ref: ObjectRef) -> StateDict:
+        """An archived update as the server applied it (a half-precision upload widened, exactly)."""
+        return widen(self.read_state(ref))
 
     def write_initial(
         self, federation_id: str, state: Mapping[str, torch.Tensor], model: ModelSpec, seed: int
@@ -166,12 +170,16 @@ class UpdateHistory:
                     "num_examples": update.num_examples, "weight": update.weight}  # fmt: skip
             if update.upload is not None and not update.modified:
                 ref, upload = update.upload, None
-            elif update.upload is not None:
+            elif update.upload is not None and update.delta is not None:
                 ref, upload = self.write_state(f"{prefix}applied/{cid}.safetensors", update.delta, meta), update.upload
-            else:
+            elif update.delta is not None:
                 ref, upload = self.write_state(f"{prefix}updates/{cid}.safetensors", update.delta, meta), None
+            else:
+                raise ValueError(f"update of {cid}: no delta to archive")
             entry = ClientEntry(cid, update.num_examples, update.weight, ref, dict(metrics.get(cid, {})), upload)
-            contribution = update.contribution()
+            # A streamed update kept only its reference: read the delta back, one at a time per I/O worker.
+            delta = update.delta if update.delta is not None else self.read_update(ref)
+            contribution = update.contribution(delta)
             previous = head.sums.get(cid)
             running = add(self.read_state(previous), contribution) if previous else contribution
             sum_ref = self.write_state(

@@ -74,7 +74,8 @@ def render_markdown(report: AuditReport, graph_file: str | None = "lineage.png")
         f"- Clients whose contributions are in this version: {', '.join(report.present_clients) or 'none'}",
         f"- Forgotten (tombstoned) clients in the store: {', '.join(report.tombstoned_clients) or 'none'}",
         f"- Archived objects checked: {data['objects']['checked']} (ok {data['objects']['ok']}, purged "
-        f"{data['objects']['purged']}, retired {data['objects']['retired']}, missing {data['objects']['missing']}, "
+        f"{data['objects']['purged']}, retired {data['objects']['retired']}, dropped by retention "
+        f"{data['objects']['dropped']}, missing {data['objects']['missing']}, "
         f"changed {data['objects']['mismatch']})",
         f"- Retired versions (weights deleted because their lineage holds a forgotten client): "
         f"{', '.join(report.retired_versions) or 'none'}",
@@ -128,14 +129,16 @@ def render_markdown(report: AuditReport, graph_file: str | None = "lineage.png")
         lines.append("None in this lineage.")
     lines += ["", "## Findings", ""]
     lines += [f"- **{f.kind}**: {f.message}" for f in report.findings] or ["None."]
-    for status, title in (("purged", "Purged objects (by deletion requests)"), ("retired", "Retired states")):
+    titles = (("purged", "Purged objects (by deletion requests)"), ("retired", "Retired states"),
+              ("dropped", "Dropped by retention (history.retention: sums)"))  # fmt: skip
+    for status, title in titles:
         gone = [c for c in report.objects if c.status == status]
         if gone:
             lines += [
                 "",
                 f"## {title}",
                 "",
-                "| object | recorded sha256 | record's sha256 | request |",
+                f"| object | recorded sha256 | record's sha256 | {'reason' if status == 'dropped' else 'request'} |",
                 "|---|---|---|---|",
             ]
             lines += [

@@ -51,23 +51,29 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"of the clients (and so always leaves that many out), credit with {cfg.get('credit_groups', '?')} groups, "
         f"FLTrust's server update {cfg.get('server_epochs', '?')} epochs.",
         "",
-        "Split learning (`splitfed`) is not in the grid: it does not exist in this code base yet.",
+        f"Federated split learning (`splitfed`, the model cut after {cfg.get('split_cut', '?')} stage(s)): "
+        f"{_splitfed_runs(cfg.get('splitfed', []))}. "
+        "Its bytes are what crosses the link: activations and labels per batch and the client part once, up; "
+        "the activations' gradients and the client part, down. The weight protocol uploads the model's delta "
+        "and downloads the model.",
         "",
         "Test accuracy of the global model (mean ± sd over seeds). Backdoor ASR: triggered test images (true class ≠ "
         "target) classified as the target class; without a backdoor attacker it is the baseline rate. Excluded: "
         "the share of malicious / benign client-rounds given weight 0 (– for rules that exclude nobody). ε: "
         "(ε, δ)-DP after all rounds (Opacus RDP, every client every round). Bytes: what all clients upload per round.",
         "",
-        "| strategy | attack | malicious | test accuracy | backdoor ASR | malicious excluded | benign excluded | ε | "
-        "upload bytes / round | seeds |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| protocol | strategy | attack | malicious | test accuracy | backdoor ASR | malicious excluded | "
+        "benign excluded | ε | upload bytes / round | download bytes / round | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
+        down = r.get("download_bytes_per_round")
         lines.append(
-            f"| {_label(r['strategy'], r['sigma'])} | {r['attack']} | {_pct(r['malicious_fraction'])} | "
+            f"| {r['protocol']} | {_label(r['strategy'], r['sigma'])} | {r['attack']} | {_pct(r['malicious_fraction'])} | "
             f"{r['test_accuracy']:.4f} ± {r['test_accuracy_sd']:.4f} | {_pct(r['backdoor_asr'])} | "
             f"{_pct(r['malicious_excluded_rate'])} | {_pct(r['benign_excluded_rate'])} | {_num(r['epsilon'])} | "
-            f"{r['bytes_per_round'] / 1024:,.1f} KiB | {r['seeds']} |"
+            f"{r['bytes_per_round'] / 1024:,.1f} KiB | {'–' if down is None else f'{down / 1024:,.1f} KiB'} | "
+            f"{r['seeds']} |"
         )
     curve = result.get("accuracy_epsilon") or []
     if curve:
@@ -148,3 +154,10 @@ def plot(result: dict[str, Any], folder: str | Path) -> list[Path]:
     fig.savefig(epsilon, dpi=110)
     plt.close(fig)
     return [by_fraction, epsilon]
+
+
+def _splitfed_runs(runs: list[list[Any]]) -> str:
+    """The splitfed runs of the profile, e.g. "credit (no attack), credit (label-flip at 0.2)"."""
+    if not runs:
+        return "none in this profile"
+    return ", ".join(f"{s} ({f'{a} at {f:g}' if a else 'no attack'})" for s, a, f in runs)

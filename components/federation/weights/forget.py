@@ -30,6 +30,7 @@ from components.core.state import StateDict, add, subtract, weighted_sum, zeros_
 from components.federation.protocol import ForgetResult, UnlearningError
 from components.lineage.history import UpdateHistory
 from components.lineage.manifests import Manifest, RoundManifest, UnlearningManifest
+from components.lineage.retention import check_updates_kept
 
 VARIANTS = ("subtract", "renormalise")
 
@@ -72,12 +73,24 @@ def forget_by_running_sums(
             "(or was already removed from it)"
         )
     removed = source_manifest.sums[client_id]
+    check_updates_kept(
+        history.store, [(f"running sum of {client_id}", removed)], "forgetting from this version",
+        "Forget from the current champion (its running sums are always kept)",
+    )  # fmt: skip
     state = history.read_state(source_manifest.global_state)
     state = subtract(state, history.read_state(removed))
     if variant == "subtract":
         return ForgetResult(state, removed, {}, {}, objects_read=2)
 
     rounds, scales, forgotten = _lineage_scales_and_forgotten(history, source)
+    needed = [
+        (f"update of {c.client_id} (round {m.server_round})", c.update)
+        for _, m in rounds
+        if any(e.client_id == client_id for e in m.clients)
+        for c in m.clients
+        if c.update is not None and c.client_id not in forgotten
+    ]
+    check_updates_kept(history.store, needed, "the renormalise variant")
     reads = 2 + len(rounds)
     correction = zeros_like(state)
     sum_corrections: dict[str, StateDict] = {}
@@ -96,7 +109,7 @@ def forget_by_running_sums(
             continue
         factor = new_scale - scale
         for entry in present:
-            delta = history.read_state(entry.update)
+            delta = history.read_update(entry.update)
             reads += 1
             extra = weighted_sum([delta], [factor * entry.weight])
             correction = add(correction, extra)

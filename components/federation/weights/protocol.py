@@ -16,7 +16,7 @@ import numpy as np
 
 from components.core.refs import ObjectRef
 from components.core.state import StateDict
-from components.federation.client import check_results, read_results, train_weights_client
+from components.federation.client import stream_results, train_weights_client
 from components.federation.protocol import (
     ClientReply,
     ClientTask,
@@ -35,16 +35,34 @@ from components.lineage.store import ObjectStore
 class WeightAveraging(Protocol):
     """Clients train the global model and upload deltas; ``strategy`` combines them.
 
+    A streaming strategy (FedAvg) folds each upload into the aggregate as
+    it is read and keeps only its reference, so the server step holds
+    ``O(model)`` for any number of clients; a rule that needs every update at
+    once (``strategy.holds_all_updates``) reads them all.
+
     Parameters
     ----------
     strategy
         FedAvg or any registered :class:`Strategy` (``federate.strategy``).
+    update_dtype
+        ``float16``: clients upload half-precision deltas (``history.update_dtype``);
+        the server applies exactly those values, widened to float32.
     """
 
     name = "weights"
 
-    def __init__(self, strategy: Strategy) -> None:
+    def __init__(self, strategy: Strategy, update_dtype: str = "float32") -> None:
+        if update_dtype not in ("float32", "float16"):
+            raise ValueError(f"update_dtype must be float32 or float16, not {update_dtype!r}")
         self.strategy = strategy
+        self.update_dtype = update_dtype
+
+    @property
+    def holds_all_updates(self) -> bool:
+        return self.strategy.holds_all_updates
+
+    def client_settings(self, client_id: str) -> Mapping[str, Any]:
+        return {"update_dtype": self.update_dtype} if self.update_dtype != "float32" else {}
 
     def configure_fit(self, server_round: int, available: Sequence[str], rng: np.random.Generator) -> list[str]:
         return self.strategy.configure_fit(server_round, available, rng)
@@ -60,9 +78,9 @@ class WeightAveraging(Protocol):
         replies: Sequence[ClientReply],
         store: ObjectStore,
     ) -> RoundOutcome:
-        results = read_results(replies, store)
-        check_results(server_round, results)
-        applied = self.strategy.aggregate_fit(server_round, base, results, server_state)
+        announced = [(r.client_id, r.num_examples) for r in replies]
+        results = stream_results(server_round, replies, store)
+        applied = self.strategy.aggregate_stream(server_round, base, announced, results, server_state)
         return RoundOutcome(applied.state, applied.updates, applied.residual, applied.server_state, applied.record)
 
     def forget(
@@ -71,14 +89,18 @@ class WeightAveraging(Protocol):
         return forget_by_running_sums(history, source, manifest, client_id, variant)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "strategy": self.strategy.describe()}
+        described: dict[str, Any] = {"name": self.name, "strategy": self.strategy.describe()}
+        if self.update_dtype != "float32":
+            described["update_dtype"] = self.update_dtype
+        return described
 
 
 @register_protocol("weights")
 def _from_record(record: Mapping[str, Any]) -> Protocol:
-    return WeightAveraging(strategy_from_record(record.get("strategy") or {"name": "fedavg"}))
+    strategy = strategy_from_record(record.get("strategy") or {"name": "fedavg"})
+    return WeightAveraging(strategy, str(record.get("update_dtype", "float32")))
 
 
-def weight_protocol(strategy: str, **settings: Any) -> WeightAveraging:
+def weight_protocol(strategy: str, update_dtype: str = "float32", **settings: Any) -> WeightAveraging:
     """The weight protocol with the named strategy (what ``federate.strategy`` selects)."""
-    return WeightAveraging(build_strategy(strategy, **settings))
+    return WeightAveraging(build_strategy(strategy, **settings), update_dtype)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from components.core.records import ClientResult, ClientUpdate
-from components.core.state import StateDict, add, weighted_sum
+from components.core.state import StateDict, add, cast_to, weighted_sum
 
 
 def aggregate(results: Sequence[tuple[StateDict, float]]) -> StateDict:
@@ -48,9 +48,16 @@ class Aggregate:
 
 
 class Strategy(ABC):
-    """How a server picks clients and combines their weight updates."""
+    """How a server picks clients and combines their weight updates.
+
+    ``holds_all_updates``: the rule needs every update of a round at once
+    (a median, Krum, credit scores), so a round holds ``clients x model`` in
+    memory. A streaming rule (FedAvg) folds one update at a time
+    (:meth:`aggregate_stream`) and holds ``O(model)`` however many clients.
+    """
 
     name: str = "strategy"
+    holds_all_updates: bool = True
 
     def configure_fit(self, server_round: int, available: Sequence[str], rng: np.random.Generator) -> list[str]:
         """Choose the clients that train in ``server_round`` (default: all)."""
@@ -67,6 +74,21 @@ class Strategy(ABC):
         server_state: StateDict | None = None,
     ) -> Aggregate:
         """Return the new global state and exactly what was applied, per client and as residual."""
+
+    def aggregate_stream(
+        self,
+        server_round: int,
+        global_state: Mapping[str, torch.Tensor],
+        announced: Sequence[tuple[str, int]],
+        results: Iterable[ClientResult],
+        server_state: StateDict | None = None,
+    ) -> Aggregate:
+        """Aggregate results that arrive one at a time; ``announced`` is ``(client_id, num_examples)``
+        of each, in arrival order, known before any delta is read.
+
+        The default materialises them (the rule needs all at once: ``holds_all_updates``).
+        """
+        return self.aggregate_fit(server_round, global_state, list(results), server_state)
 
     def describe(self) -> dict[str, Any]:
         """The strategy's name and settings, for manifests and tracking (``build_strategy`` inverts it)."""
@@ -108,6 +130,14 @@ class FedAvg(Strategy):
     """
 
     name = "fedavg"
+    holds_all_updates = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # A subclass with its own rule (ranks, scores, other weights) is not a plain streamed sum
+        # unless it says so.
+        super().__init_subclass__(**kwargs)
+        if {"aggregate_fit", "weights"} & vars(cls).keys() and "holds_all_updates" not in vars(cls):
+            cls.holds_all_updates = True
 
     def __init__(self, clients_per_round: int | None = None) -> None:
         if clients_per_round is not None and clients_per_round < 1:
@@ -142,6 +172,49 @@ class FedAvg(Strategy):
             for r, w in zip(results, weights)
         ]
         step = aggregate([(u.delta, u.weight) for u in updates])
+        return Aggregate(add(global_state, step), updates)
+
+    def aggregate_stream(
+        self,
+        server_round: int,
+        global_state: Mapping[str, torch.Tensor],
+        announced: Sequence[tuple[str, int]],
+        results: Iterable[ClientResult],
+        server_state: StateDict | None = None,
+    ) -> Aggregate:
+        """FedAvg folding one delta at a time: the same sums, in the same order, as :meth:`aggregate_fit`.
+
+        The weights ``n_i / sum_j n_j`` come from ``announced``; each delta is
+        added to a float64 accumulator and dropped, so memory is two models
+        (the accumulator and the delta being folded) for any number of clients.
+        """
+        if self.holds_all_updates:  # a subclass whose rule is not a plain weighted sum
+            return super().aggregate_stream(server_round, global_state, announced, results, server_state)
+        if not announced:
+            raise ValueError(f"round {server_round}: no client results to aggregate")
+        if len({cid for cid, _ in announced}) != len(announced):
+            raise ValueError(f"round {server_round}: a client reported twice")
+        total = sum(n for _, n in announced)
+        if total <= 0:
+            raise ValueError("cannot aggregate: the clients reported no training examples")
+        accumulator: dict[str, torch.Tensor] = {}
+        dtypes: dict[str, torch.dtype] = {}  # the first delta's, as weighted_sum casts
+        updates: list[ClientUpdate] = []
+        for (cid, n), result in zip(announced, results, strict=True):
+            if (result.client_id, result.num_examples) != (cid, n):
+                raise ValueError(f"round {server_round}: result of {result.client_id} arrived out of order")
+            weight = n / total
+            if not accumulator:
+                accumulator = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in result.delta.items()}
+                dtypes = {k: v.dtype for k, v in result.delta.items()}
+            elif accumulator.keys() != result.delta.keys():
+                raise ValueError(f"round {server_round}: the update of {cid} has other keys than the others")
+            for key, acc in accumulator.items():
+                acc += result.delta[key].double() * float(weight)
+            # The upload is already archived: keep its reference, not its tensors.
+            kept = None if result.upload is not None else result.delta
+            updates.append(ClientUpdate(cid, server_round, n, weight, kept, upload=result.upload))
+        step = {k: cast_to(acc, dtypes[k]) for k, acc in accumulator.items()}
         return Aggregate(add(global_state, step), updates)
 
     def describe(self) -> dict[str, Any]:

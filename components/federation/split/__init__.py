@@ -1,0 +1,1 @@
+"""Federated split learning (SplitFed): the model cut into a client part and a server part."""
