@@ -27,11 +27,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run as current_flow_run
 
 from components.config.runtime import Runtime
-from components.config.sections import Config, load_config
+from components.config.sections import Config, ConfigError, load_config
 from components.core.state import StateDict
-from components.data.layout import SERVER_DIR, FederationData, dvc_dir_hash, read_public
+from components.data.layout import SERVER_DIR, FederationData, dvc_dir_hash, read_public, read_split
 from components.data.staging import stage_shards
 from components.federation.client import evaluate_state
+from components.federation.hetero.common import stage_images, stage_split
+from components.federation.hetero.ensemble import EnsembleDistillation
+from components.federation.hetero.shared_base import SharedBase
 from components.federation.logits.client import stage_public
 from components.federation.logits.protocol import SoftLabels
 from components.federation.protocol import Protocol
@@ -126,14 +129,52 @@ def federate(
         return _federate(runtime, config, profile, fresh, promote)
 
 
-def build_protocol(config: Config, data_dir: Path, store: Any, data_version: str, spec: ModelSpec) -> Protocol:
+def build_protocol(
+    config: Config, data_dir: Path, store: Any, data_version: str, spec: ModelSpec, client_ids: list[str]
+) -> Protocol:
     """The method ``federate.protocol`` names, with its settings (soft-labels stages the public set D)."""
-    if config.federate.protocol == "soft-labels":
+    name = config.federate.protocol
+    if name in ("ensemble-distillation", "shared-base"):
+        profiles = config.clients.profiles(client_ids, spec)
+        few_shot = read_split(data_dir / SERVER_DIR / "few_shot.safetensors")
+        server_version = dvc_dir_hash(data_dir / SERVER_DIR)
+        if name == "shared-base":  # the global model is params' model; the clients' heads come from their profiles
+            check_shared_base(profiles, spec, config.federate.shared_base_settings())
+            server_set = stage_split(store, few_shot, server_version, "few-shot")
+            return SharedBase(profiles, spec, server_set, config.federate.weight_strategy(),
+                              config.federate.shared_base_settings(), config.federate.seed, config.train.settings())  # fmt: skip
+        # the server distils on the unlabeled public set D, or on the few-shot images when there is none
+        has_public = config.data.public_size > 0
+        images = read_public(data_dir) if has_public else few_shot.images
+        distill_set = stage_images(store, images, data_version if has_public else server_version,
+                                   "public" if has_public else "few-shot-images")  # fmt: skip
+        return EnsembleDistillation(
+            profiles, spec, distill_set, config.federate.ensemble_settings(), config.federate.seed
+        )
+    if name == "soft-labels":
         public = stage_public(store, read_public(data_dir), data_version)
         return SoftLabels(public, spec, config.federate.soft_label_settings())
     if config.federate.protocol == "splitfed":
         return SplitFed(config.federate.weight_strategy(), config.federate.split_cut, spec.name)
     return WeightAveraging(config.federate.weight_strategy(), config.history.update_dtype)
+
+
+def check_shared_base(profiles: Any, spec: ModelSpec, settings: Any) -> None:
+    """Refuse client architectures whose base (everything but the head) differs from the global model's."""
+    from components.models.students import build_model
+
+    def base_shapes(model_spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+        base, _ = settings.split(build_model(model_spec).state_dict())
+        return {k: tuple(v.shape) for k, v in base.items()}
+
+    expected = base_shapes(spec)
+    for name in profiles.architectures:
+        if base_shapes(profiles.spec_of(name)) != expected:
+            raise ConfigError(
+                f"shared-base: architecture {name!r} ({profiles.spec_of(name).name}) has another base than the "
+                f"global model ({spec.name} {dict(spec.args)}); every clients.architectures entry must share "
+                f"model's layers outside the head {list(settings.head)}"
+            )
 
 
 def _federate(runtime: Runtime, config: Config, profile: str, fresh: bool, promote: str) -> dict[str, Any]:
@@ -146,7 +187,7 @@ def _federate(runtime: Runtime, config: Config, profile: str, fresh: bool, promo
     store = open_store(runtime.store)
     history = UpdateHistory(store)
     tracker = Tracker(runtime, config.registry)
-    protocol = build_protocol(config, runtime.data_dir(profile), store, data_version, spec)
+    protocol = build_protocol(config, runtime.data_dir(profile), store, data_version, spec, data.client_ids())
     federation_id = new_federation_id()
     # Resume (and its lineage check) first: a refused source leaves everything as it was.
     resumed = (

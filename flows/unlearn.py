@@ -357,6 +357,8 @@ def _unlearn(
             removed=result.removed, forgotten_state=result.state, final_state=final_state,
             new_sums=result.new_sums, round_scales=result.round_scales, recovery=recovery,
             data_version=server_version, metrics=metrics,
+            # a protocol whose forget rebuilt the server's carried state (ensemble: the architectures' models)
+            server_state=getattr(result, "server_state", None), objects=getattr(result, "objects", None),
         )  # fmt: skip
         archived = time.perf_counter()
 

@@ -220,4 +220,11 @@ def test_every_builtin_protocol_is_known_to_a_fresh_process_so_forgetting_can_di
         "_load_builtin_protocols(); print(','.join(sorted(PROTOCOLS)))"
     )
     names = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    assert names.split(",") == ["ensemble-distillation", "few-shot", "shared-base", "soft-labels", "weights"]
+    assert names.split(",") == [
+        "ensemble-distillation",
+        "few-shot",
+        "shared-base",
+        "soft-labels",
+        "splitfed",
+        "weights",
+    ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+import torch
 
 from components.config.runtime import Runtime
 from components.config.sections import load_config
@@ -54,3 +55,17 @@ def test_soft_labels_federate_register_account_bytes_and_forget(soft_label_proje
     # the deletion dispatched to the protocol: a new version without the client
     assert result["status"] == "unlearned" and tracker.alias().version == result["version"]
     assert tracker.version(result["version"]).tags["forgotten_client"] == "client_01"
+    # each client's own model is archived and served per client
+    from components.core.serialize import state_from_bytes
+    from flows.export import export_client_model
+
+    after = history.read_manifest(manifest_ref_from_tags(tracker.alias().tags))
+    exported = export_client_model("client_00", soft_label_project / "c0.safetensors", project=str(soft_label_project))
+    state, _ = state_from_bytes((soft_label_project / "c0.safetensors").read_bytes())
+    personal, _ = state_from_bytes(history.store.get_verified(after.personal["client_00"]))
+    assert exported["protocol"] == "soft-labels" and all(torch.equal(state[k], personal[k]) for k in personal)
+    # a second deletion recovers with the CLIP-Adapter teacher, as for weights
+    second = unlearn(client_id="client_02", project=str(soft_label_project))
+    deletion = history.read_manifest(manifest_ref_from_tags(tracker.version(second["version"]).tags))
+    assert second["status"] == "unlearned" and deletion.recovery["teacher"] == "clip"
+    assert deletion.recovery["teacher_run_id"] not in (None, "none")

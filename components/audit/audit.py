@@ -330,8 +330,10 @@ def audit(
                     f"{manifest.forgotten_client}", ref.key))  # fmt: skip
         else:
             node.clients = [
-                {"client_id": c.client_id, "num_examples": c.num_examples, "weight": c.weight} for c in manifest.clients
-            ]
+                {"client_id": c.client_id, "num_examples": c.num_examples, "weight": c.weight,
+                 "model": c.spec.to_dict() if c.spec is not None else None}  # heterogeneous clients: their own
+                for c in manifest.clients
+            ]  # fmt: skip
             strategy = (manifest.protocol.get("strategy") or {}).get("name")
             node.method = "/".join(str(p) for p in (manifest.protocol.get("name", "weights"), strategy) if p)
             node.decisions = dict(manifest.extra)

@@ -82,8 +82,11 @@ class FederateConfig(Section):
     # weights: clients upload weight deltas (strategy below); soft-labels: clients keep their models and upload
     # soft labels on the public set D (data.public_size), grouped by similarity (grouping) per soft_labels
     # splitfed: the model cut after split_cut stages; clients send activations, the server returns their gradients
-    protocol: Literal["weights", "soft-labels", "splitfed"] = "weights"
+    # ensemble-distillation / shared-base: heterogeneous client models, declared in the clients section
+    protocol: Literal["weights", "soft-labels", "splitfed", "ensemble-distillation", "shared-base"] = "weights"
     split_cut: int = Field(2, ge=1)
+    ensemble: dict[str, Any] = Field(default_factory=dict)  # EnsembleSettings' knobs (temperature, epochs, ...)
+    shared_base: dict[str, Any] = Field(default_factory=dict)  # SharedBaseSettings' knobs (head, server_epochs, ...)
     grouping: Literal["none", "similarity"] = "similarity"
     soft_labels: dict[str, Any] = Field(default_factory=dict)  # SoftLabelSettings' knobs (T, beta, epochs...)
     strategy: Literal["fedavg", "median", "trimmed-mean", "krum", "credit"] = "fedavg"
@@ -119,7 +122,22 @@ class FederateConfig(Section):
             self.soft_label_settings()
         except TypeError as exc:
             raise ValueError(f"soft_labels: {exc}") from None
+        for name, build in (("ensemble", self.ensemble_settings), ("shared_base", self.shared_base_settings)):
+            try:
+                build()
+            except TypeError as exc:
+                raise ValueError(f"{name}: {exc}") from None
         return self
+
+    def ensemble_settings(self) -> Any:
+        from components.federation.hetero.ensemble import EnsembleSettings
+
+        return EnsembleSettings(**self.ensemble)
+
+    def shared_base_settings(self) -> Any:
+        from components.federation.hetero.shared_base import SharedBaseSettings
+
+        return SharedBaseSettings(**self.shared_base)
 
     def soft_label_settings(self) -> Any:
         """The soft-label protocol's settings (``soft_labels`` over its defaults, ``grouping`` on top)."""
@@ -140,6 +158,26 @@ class FederateConfig(Section):
             return inner
         return build_strategy("dp-server", strategy=inner, noise_multiplier=self.dp_noise_multiplier,
                               clipping_norm=self.dp_clipping_norm, seed=self.seed)  # fmt: skip
+
+
+class ClientsConfig(Section):
+    """The ``clients`` section: each client's (or group's) architecture and compute budget.
+
+    Used by the heterogeneous protocols (``federate.protocol: ensemble-distillation | shared-base``);
+    :class:`~components.federation.hetero.profiles.ClientProfiles` resolves it.
+    """
+
+    assign: Literal["groups", "round-robin"] = "round-robin"
+    architectures: dict[str, dict[str, Any]] = Field(default_factory=dict)  # name -> {name, args, local_epochs}
+    groups: list[dict[str, Any]] = Field(default_factory=list)  # [{clients: [ids or patterns], architecture}]
+
+    def profiles(self, client_ids: list[str], global_model: ModelSpec) -> Any:
+        """The resolved profiles (data-derived sizes added); a clear error when none are declared."""
+        from components.federation.hetero.profiles import ClientProfiles
+
+        if not self.architectures:
+            raise ConfigError("the heterogeneous protocols need clients.architectures in params.yaml")
+        return ClientProfiles.from_params(self.model_dump(), client_ids).resolved(global_model)
 
 
 class HistoryConfig(Section):
@@ -280,6 +318,7 @@ class Config(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     federate: FederateConfig = Field(default_factory=FederateConfig)
     history: HistoryConfig = Field(default_factory=HistoryConfig)
+    clients: ClientsConfig = Field(default_factory=ClientsConfig)
     unlearn: UnlearnConfig = Field(default_factory=UnlearnConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)

@@ -197,6 +197,11 @@ class Protocol(ABC):
     ) -> ForgetResult:
         """Remove ``client_id`` from the version at ``source`` (produced by this protocol)."""
 
+    def served_model(self, history: UpdateHistory, manifest: Manifest, client_id: str) -> tuple[ModelSpec, StateDict]:
+        """The model ``client_id`` serves at this version (``fedforget export --client``): by default the
+        global one; protocols whose clients keep models of their own return those."""
+        return manifest.model, history.read_state(manifest.global_state)
+
     def describe(self) -> dict[str, Any]:
         """Name and settings, recorded in every manifest (:func:`protocol_from_record` inverts it)."""
         return {"name": self.name}

@@ -266,8 +266,16 @@ class UpdateHistory:
         recovery: Mapping[str, Any],
         data_version: str,
         metrics: Mapping[str, float],
+        server_state: Mapping[str, torch.Tensor] | None = None,
+        objects: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
     ) -> tuple[ObjectRef, UnlearningManifest]:
-        """Archive a deletion: the forgotten and final states, changed sums, the manifest last."""
+        """Archive a deletion: the forgotten and final states, changed sums, the manifest last.
+
+        ``server_state`` replaces the source's carried server state when the
+        protocol's forget rebuilt it (ensemble distillation: the architectures'
+        models without the client), so a federation resumed from this deletion
+        starts without the client; ``objects`` are the forget step's own records.
+        """
         prefix = self.unlearning_prefix(request_id)
         model = source_manifest.model
         forgotten_ref = self.write_state(
@@ -285,6 +293,15 @@ class UpdateHistory:
                 running,
                 {"kind": "running_sum", "client_id": cid, "request_id": request_id},
             )
+        carried = source_manifest.server_state
+        if server_state is not None:
+            meta = {"kind": "server_state", "request_id": request_id, "client_id": client_id}
+            carried = self.write_state(f"{prefix}server_state.safetensors", clone_state(server_state), meta)
+        own = {
+            name: self.write_state(f"{prefix}{validate_id(name, 'object name')}.safetensors", clone_state(state),
+                                   {"kind": name, "request_id": request_id})
+            for name, state in sorted((objects or {}).items())
+        }  # fmt: skip
         manifest = UnlearningManifest(
             request_id=request_id,
             forgotten_client=client_id,
@@ -304,7 +321,8 @@ class UpdateHistory:
             created_at=utc_now(),
             metrics=dict(metrics),
             protocol=dict(source_manifest.protocol),
-            server_state=source_manifest.server_state,
+            server_state=carried,
+            objects=own,
             personal={cid: ref for cid, ref in source_manifest.personal.items() if cid != client_id},
         )
         ref, committed = self._commit_manifest(f"{prefix}manifest.json", manifest)
@@ -350,6 +368,9 @@ def manifest_objects(manifest: Manifest) -> list[tuple[str, ObjectRef]]:
     else:
         refs.append((f"running sum of {manifest.forgotten_client} (subtracted)", manifest.removed))
         refs.append(("state after subtraction", manifest.forgotten_state))
+        if manifest.server_state is not None:
+            refs.append(("server state after the deletion", manifest.server_state))
+        refs += [(f"{name} (deletion)", ref) for name, ref in sorted(manifest.objects.items())]
     refs += [(f"running sum of {cid}", ref) for cid, ref in sorted(manifest.sums.items())]
     refs += [(f"personal state of {cid}", ref) for cid, ref in sorted(manifest.personal.items())]
     return refs

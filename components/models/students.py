@@ -29,8 +29,20 @@ def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[.
     return wrap
 
 
+# Modules whose models register themselves on import (they import this module, so they load on first use).
+BUILTIN_MODEL_MODULES = ("components.models.heads",)
+
+
+def _load_builtins() -> None:
+    import importlib
+
+    for module in BUILTIN_MODEL_MODULES:
+        importlib.import_module(module)
+
+
 def available_models() -> list[str]:
     """Names accepted by :func:`build_model`."""
+    _load_builtins()
     return sorted(_REGISTRY)
 
 
@@ -51,6 +63,8 @@ class ModelSpec:
 
 def build_model(spec: ModelSpec) -> nn.Module:
     """Instantiate the model described by ``spec`` (random initialisation)."""
+    if spec.name not in _REGISTRY:
+        _load_builtins()
     try:
         factory = _REGISTRY[spec.name]
     except KeyError:

@@ -329,6 +329,33 @@ def requests(
 
 
 @app.command()
+def export(
+    client: Annotated[str, typer.Option(help="the client whose model to write")],
+    out_path: Annotated[Path, typer.Option("--out", help="the file to write (safetensors, spec in its metadata)")],
+    version: Annotated[str | None, typer.Option(help="the registered version (default: the champion)")] = None,
+    profile: ProfileOpt = "default",
+    json_out: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+) -> None:
+    """Write the model a client serves at a version: its personalised model (shared base: the base and its
+    own head; ensemble: its architecture's model; soft labels: its own), else the global one."""
+    quiet(False)
+
+    def run() -> dict[str, Any]:
+        from flows.export import export_client_model
+
+        return export_client_model(client, out_path, version, profile)
+
+    result = run_verb(run)
+    if json_out:
+        out_console_json(result)
+        return
+    out.print(
+        f"client {result['client_id']}: {result['model']['name']} model of version {result['version']} "
+        f"({result['protocol']}) -> {result['path']} (sha256 {result['sha256'][:16]}..., {result['bytes']:,} bytes)"
+    )
+
+
+@app.command()
 def teacher(
     profile: ProfileOpt = "default",
     refit: Annotated[bool, typer.Option(help="fit again even if a teacher for this data exists")] = False,

@@ -94,7 +94,10 @@ def render_markdown(report: AuditReport, graph_file: str | None = "lineage.png")
             d = node.deletion
             what = f"deletion of **{d['client_id']}** ({d['variant']}, teacher {d['teacher']})"
         else:
-            what = ", ".join(f"{c['client_id']} ({c['num_examples']}, {c['weight']:.3f})" for c in node.clients)
+            what = ", ".join(
+                f"{c['client_id']} ({c['num_examples']}, {c['weight']:.3f}{_model(c.get('model'))})"
+                for c in node.clients
+            )
         flag = (
             f" ⚠ contains forgotten {', '.join(node.contains_forgotten_clients)}"
             if node.contains_forgotten_clients
@@ -197,3 +200,11 @@ def plot_lineage(report: AuditReport, path: str | Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _model(spec: dict[str, Any] | None) -> str:
+    """A heterogeneous client's own model, as the lineage table shows it (nothing for the global one)."""
+    if not spec:
+        return ""
+    args = {k: v for k, v in spec.get("args", {}).items() if k not in ("num_classes", "in_channels", "image_size")}
+    return f", {spec.get('name')} {args}" if args else f", {spec.get('name')}"

@@ -311,6 +311,14 @@ class EnsembleDistillation(Protocol):
             reads += 1
         return averages, examples or {}, initial, reads
 
+    def served_model(self, history: UpdateHistory, manifest: Manifest, client_id: str) -> tuple[ModelSpec, StateDict]:
+        """The client's architecture's model at this version (the next round's starting point)."""
+        arch = self.profiles.architecture_of(client_id)
+        models = unpack(history.read_state(manifest.server_state)) if manifest.server_state else {}
+        if arch not in models:
+            raise UnlearningError(f"version has no {arch} model for client {client_id} (its architecture left)")
+        return self.profiles.spec_of(arch), models[arch]
+
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name,

@@ -228,6 +228,9 @@ class SharedBase(Protocol):
         )  # fmt: skip
         return ForgetResult({**base, **head}, removed, {}, {}, objects_read=3)
 
+    def served_model(self, history: UpdateHistory, manifest: Manifest, client_id: str) -> tuple[ModelSpec, StateDict]:
+        return personalised_model(history, manifest, client_id)
+
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name,

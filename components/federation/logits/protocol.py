@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from components.core.refs import ObjectRef
-from components.core.serialize import state_to_bytes
+from components.core.serialize import state_from_bytes, state_to_bytes
 from components.core.state import StateDict, non_finite_keys
 from components.federation.logits.client import labels_from_bytes, load_public, train_soft_label_client
 from components.federation.logits.forget import forget_soft_labels
@@ -44,6 +44,7 @@ from components.federation.protocol import (
     ForgetResult,
     Protocol,
     RoundOutcome,
+    UnlearningError,
     register_protocol,
 )
 from components.lineage.history import UpdateHistory
@@ -195,6 +196,14 @@ class SoftLabels(Protocol):
         self, history: UpdateHistory, source: ObjectRef, manifest: Manifest, client_id: str, variant: str
     ) -> ForgetResult:
         return forget_soft_labels(self, history, source, client_id, variant)
+
+    def served_model(self, history: UpdateHistory, manifest: Manifest, client_id: str) -> tuple[ModelSpec, StateDict]:
+        """The client's own model (its last archived personal state; clients keep theirs across rounds)."""
+        ref = manifest.personal.get(client_id)
+        if ref is None:
+            raise UnlearningError(f"client {client_id} has no model of its own in this version")
+        state, meta = state_from_bytes(history.store.get_verified(ref))
+        return (ModelSpec.from_dict(meta["model"]) if "model" in meta else manifest.model), state
 
     def describe(self) -> dict[str, Any]:
         return {
