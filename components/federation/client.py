@@ -86,15 +86,17 @@ def train_weights_client(task: ClientTask) -> ClientReply:
     delta = subtract(model.state_dict(), base)
     if task.settings.get("update_dtype") == "float16":  # half the bytes; the server applies exactly these
         delta = narrow(delta)
-    meta = {"kind": "update", "client_id": task.client_id, "server_round": task.server_round, "num_examples": len(data)}
+    metrics = {k: v for k, v in metrics.items() if k != "num_examples"}
+    return upload_delta(task, delta, len(data), metrics)
+
+
+def upload_delta(task: ClientTask, delta: Mapping[str, torch.Tensor], num_examples: int,
+                 metrics: Mapping[str, float]) -> ClientReply:  # fmt: skip
+    """Write a client's delta to its upload key (write-once) and reply with its reference."""
+    meta = {"kind": "update", "client_id": task.client_id, "server_round": task.server_round,
+            "num_examples": num_examples}  # fmt: skip
     upload = open_store(task.store_url).put(task.upload_key, state_to_bytes(delta, meta), overwrite=False)
-    return ClientReply(
-        client_id=task.client_id,
-        server_round=task.server_round,
-        num_examples=len(data),
-        upload=upload,
-        metrics={k: v for k, v in metrics.items() if k != "num_examples"},
-    )
+    return ClientReply(task.client_id, task.server_round, num_examples, upload, dict(metrics))
 
 
 def read_result(reply: ClientReply, store: ObjectStore) -> ClientResult:

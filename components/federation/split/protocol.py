@@ -48,9 +48,8 @@ import torch.nn.functional as F
 
 from components.core.records import ClientResult, ClientUpdate
 from components.core.refs import ObjectRef
-from components.core.serialize import state_to_bytes
 from components.core.state import StateDict, add, subtract, weighted_sum
-from components.federation.client import check_results, load_base, load_shard, read_results
+from components.federation.client import check_results, load_base, load_shard, read_results, upload_delta
 from components.federation.protocol import (
     ClientReply,
     ClientTask,
@@ -66,7 +65,7 @@ from components.federation.weights.strategy import Strategy, strategy_from_recor
 from components.learning.train import prefer_channels_last, shuffled_batches
 from components.lineage.history import UpdateHistory
 from components.lineage.manifests import Manifest
-from components.lineage.store import ObjectStore, open_store
+from components.lineage.store import ObjectStore
 from components.models.students import build_model
 
 
@@ -125,21 +124,14 @@ def train_split_client(task: ClientTask) -> ClientReply:
     compute_s = time.perf_counter() - started
     delta = subtract(model.state_dict(), base)
     client_part = sum(_nbytes(v) for k, v in base.items() if is_client_key(k, prefixes))
-    meta = {"kind": "update", "client_id": task.client_id, "server_round": task.server_round, "num_examples": len(data)}
-    upload = open_store(task.store_url).put(task.upload_key, state_to_bytes(delta, meta), overwrite=False)
-    return ClientReply(
-        client_id=task.client_id,
-        server_round=task.server_round,
-        num_examples=len(data),
-        upload=upload,
-        metrics={
-            "train_loss": epoch_loss,
-            "compute_s": compute_s,
-            "activation_bytes_up": float(up),
-            "gradient_bytes_down": float(down),
-            "client_part_bytes": float(client_part),
-        },
-    )
+    metrics = {
+        "train_loss": epoch_loss,
+        "compute_s": compute_s,
+        "activation_bytes_up": float(up),
+        "gradient_bytes_down": float(down),
+        "client_part_bytes": float(client_part),
+    }
+    return upload_delta(task, delta, len(data), metrics)
 
 
 class SplitFed(Protocol):
