@@ -134,6 +134,11 @@ def build_protocol(
 ) -> Protocol:
     """The method ``federate.protocol`` names, with its settings (soft-labels stages the public set D)."""
     name = config.federate.protocol
+    if config.federate.strategy == "fltrust" and name != "weights":
+        raise ConfigError(
+            f"federate.strategy: fltrust compares each update with the server's own update of the whole model; "
+            f"it runs with federate.protocol: weights, not {name}"
+        )
     if name in ("ensemble-distillation", "shared-base"):
         profiles = config.clients.profiles(client_ids, spec)
         few_shot = read_split(data_dir / SERVER_DIR / "few_shot.safetensors")
@@ -154,9 +159,20 @@ def build_protocol(
     if name == "soft-labels":
         public = stage_public(store, read_public(data_dir), data_version)
         return SoftLabels(public, spec, config.federate.soft_label_settings())
+    strategy = config.federate.weight_strategy(fltrust_update(config, data_dir, spec))
     if config.federate.protocol == "splitfed":
-        return SplitFed(config.federate.weight_strategy(), config.federate.split_cut, spec.name)
-    return WeightAveraging(config.federate.weight_strategy(), config.history.update_dtype)
+        return SplitFed(strategy, config.federate.split_cut, spec.name)
+    return WeightAveraging(strategy, config.history.update_dtype)
+
+
+def fltrust_update(config: Config, data_dir: Path, spec: ModelSpec) -> Any:
+    """FLTrust's server update from the server's few-shot set (``None`` for the other strategies)."""
+    if config.federate.strategy != "fltrust":
+        return None
+    from components.federation.weights.robust import fltrust_server_update
+
+    few_shot = read_split(data_dir / SERVER_DIR / "few_shot.safetensors")
+    return fltrust_server_update(spec, few_shot, config.train.settings(), config.federate.seed)
 
 
 def check_shared_base(profiles: Any, spec: ModelSpec, settings: Any) -> None:

@@ -188,3 +188,22 @@ def test_clients_train_on_dask_with_the_same_result_as_threads(tiny_project):
         for s in (threads, dask)
     ]  # fmt: skip
     assert max_abs_difference(*states) < 1e-5
+
+
+def test_fltrust_in_production_uses_the_server_few_shot_set_and_forgets_exactly(tiny_project):
+    from components.unlearning.forget import forget_client
+    from flows.federate import run_federate
+
+    summary = run_federate(project=str(tiny_project), rounds=2, overrides={"federate.strategy": "fltrust"})
+    tracker, runtime = tracker_for(tiny_project)
+    history = UpdateHistory(open_store(runtime.store))
+    ref = manifest_ref_from_tags(tracker.version(summary["final_version"]).tags)
+    final = history.read_manifest(ref)
+    assert final.protocol["strategy"]["name"] == "fltrust"
+    assert {"trust", "excluded", "server_update_norm"} <= set(final.extra) and final.extra["server_update_norm"] > 0
+    forgotten = forget_client(history, ref, final, "client_00").state  # rebuilt without the server update
+    rebuilt = history.read_state(history.read_manifest(final.parent).base)
+    for cid in ("client_01", "client_02"):
+        rebuilt = add(rebuilt, history.client_sum(final, cid))
+    assert max_abs_difference(rebuilt, forgotten) < 1e-5
+

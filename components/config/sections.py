@@ -89,7 +89,7 @@ class FederateConfig(Section):
     shared_base: dict[str, Any] = Field(default_factory=dict)  # SharedBaseSettings' knobs (head, server_epochs, ...)
     grouping: Literal["none", "similarity"] = "similarity"
     soft_labels: dict[str, Any] = Field(default_factory=dict)  # SoftLabelSettings' knobs (T, beta, epochs...)
-    strategy: Literal["fedavg", "median", "trimmed-mean", "krum", "credit"] = "fedavg"
+    strategy: Literal["fedavg", "median", "trimmed-mean", "krum", "credit", "fltrust"] = "fedavg"
     strategy_args: dict[str, Any] = Field(default_factory=dict)
     # server-side DP around the strategy: clip each upload to dp_clipping_norm, add N(0, (sigma C / n)^2);
     # epsilon at dp_delta (Opacus RDP accountant over the lineage) logged per round and tagged on every version
@@ -149,11 +149,15 @@ class FederateConfig(Section):
         """What :func:`~components.federation.weights.protocol.weight_protocol` takes besides the name."""
         return {"clients_per_round": self.clients_per_round, **self.strategy_args}
 
-    def weight_strategy(self) -> Any:
-        """The strategy params name, wrapped in server-side DP when ``dp_noise_multiplier`` is set."""
+    def weight_strategy(self, server_update: Any = None) -> Any:
+        """The strategy params name, wrapped in server-side DP when ``dp_noise_multiplier`` is set.
+
+        ``server_update``: FLTrust's (the server's delta on its few-shot set), which the flow builds.
+        """
         from components.federation.weights.strategy import build_strategy
 
-        inner = build_strategy(self.strategy, **self.strategy_settings())
+        extra = {"server_update": server_update} if self.strategy == "fltrust" and server_update else {}
+        inner = build_strategy(self.strategy, **self.strategy_settings(), **extra)
         if self.dp_noise_multiplier is None:
             return inner
         return build_strategy("dp-server", strategy=inner, noise_multiplier=self.dp_noise_multiplier,

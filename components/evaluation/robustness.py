@@ -38,7 +38,7 @@ import torch
 
 from components.config.sections import ModelConfig
 from components.core.serialize import state_from_bytes, state_to_bytes
-from components.core.state import StateDict, add, subtract
+from components.core.state import StateDict, add
 from components.data.datasets import RawDataset, Split
 from components.data.layout import FederationData, PrepareSettings, prepare_data, read_split
 from components.data.staging import stage_splits
@@ -50,8 +50,9 @@ from components.federation.rounds import Federation, run_round, thread_map
 from components.federation.split.protocol import SplitFed
 from components.federation.weights.privacy import PrivacyAccountant
 from components.federation.weights.protocol import WeightAveraging
+from components.federation.weights.robust import fltrust_server_update
 from components.federation.weights.strategy import Strategy, build_strategy
-from components.learning.train import TrainSettings, evaluate, torch_threads, train_client
+from components.learning.train import TrainSettings, evaluate, torch_threads
 from components.lineage.history import UpdateHistory
 from components.lineage.store import LocalStore, open_store
 from components.models.students import ModelSpec, init_model
@@ -184,13 +185,7 @@ def fltrust_update(
     spec: ModelSpec, server_set: Split, train: TrainSettings, seed: int
 ) -> Callable[[StateDict], StateDict]:
     """FLTrust's server update: the server trains the global model on its few-shot set; the delta."""
-
-    def update(state: StateDict) -> StateDict:
-        model = model_from_state(spec, state)
-        train_client(model, server_set, train, torch.Generator().manual_seed(seed))
-        return subtract(model.state_dict(), state)
-
-    return update
+    return fltrust_server_update(spec, server_set, train, seed)
 
 
 def strategy_for(name: str, s: RobustnessSettings, spec: ModelSpec, server_set: Split, seed: int) -> Strategy:

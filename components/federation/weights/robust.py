@@ -342,3 +342,22 @@ class FLTrust(FedAvg):
             "server_update_norm": float(flat_vector(server_delta).norm()),
         }
         return Aggregate(apply_updates(global_state, updates), updates, record=record)
+
+
+def fltrust_server_update(spec: Any, server_set: Any, train: Any, seed: int) -> Callable[[StateDict], StateDict]:
+    """FLTrust's server update: the server trains the global model on its small clean set; the delta.
+
+    ``spec`` the global model, ``server_set`` a labelled split (the few-shot set), ``train`` the
+    server's training settings; the shuffling is seeded, so the update depends only on the state.
+    """
+    from components.core.state import subtract
+    from components.learning.train import train_client
+    from components.models.students import build_model
+
+    def update(state: StateDict) -> StateDict:
+        model = build_model(spec)
+        model.load_state_dict(dict(state))
+        train_client(model, server_set, train, torch.Generator().manual_seed(seed))
+        return subtract(model.state_dict(), state)
+
+    return update
