@@ -361,6 +361,7 @@ def main() -> int:
     parser.add_argument("command", nargs="?", default="run", choices=["run", "_federate", "_retention", "_forgetting"])
     parser.add_argument("--quick", action="store_true", help="the smoke-test profile (minutes)")
     parser.add_argument("--parts", default="rounds,retention,forgetting")
+    parser.add_argument("--merge", action="store_true", help="keep the other parts already in --out")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "scale.json")
     parser.add_argument("--project", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoints", help=argparse.SUPPRESS)
@@ -384,20 +385,25 @@ def main() -> int:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "model_mb": model_mb(),
     }
+    if args.merge and args.out.is_file():  # keep the parts measured by an earlier run
+        previous = json.loads(args.out.read_text())
+        result |= {k: previous[k] for k in ("rounds", "retention", "forgetting", "notes") if k in previous}
+
+    def save() -> None:  # after every part: a later part's failure loses nothing measured
+        result["targets"] = targets(result)
+        result["wall_s"] = time.perf_counter() - started
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
     try:
         parts = args.parts.split(",")
-        if "rounds" in parts:
-            result["rounds"] = part_rounds(profile, scratch)
-        if "retention" in parts:
-            result["retention"] = part_retention(profile, scratch)
-        if "forgetting" in parts:
-            result["forgetting"] = part_forgetting(profile, scratch)
+        for name, part in (("rounds", part_rounds), ("retention", part_retention), ("forgetting", part_forgetting)):
+            if name in parts:
+                result[name] = part(profile, scratch)
+                save()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    result["targets"] = targets(result)
-    result["wall_s"] = time.perf_counter() - started
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    save()
     print(json.dumps(result["targets"], indent=2))
     print(f"wrote {args.out} in {result['wall_s']:.0f} s")
     return 0
