@@ -139,6 +139,8 @@ def build_protocol(
             f"federate.strategy: fltrust compares each update with the server's own update of the whole model; "
             f"it runs with federate.protocol: weights, not {name}"
         )
+    if config.federate.local_dp() is not None and name != "weights":
+        raise ConfigError(f"federate.dp_mode: local perturbs weight deltas; it runs with protocol weights, not {name}")
     if name in ("ensemble-distillation", "shared-base"):
         profiles = config.clients.profiles(client_ids, spec)
         few_shot = read_split(data_dir / SERVER_DIR / "few_shot.safetensors")
@@ -162,7 +164,7 @@ def build_protocol(
     strategy = config.federate.weight_strategy(fltrust_update(config, data_dir, spec))
     if config.federate.protocol == "splitfed":
         return SplitFed(strategy, config.federate.split_cut, spec.name)
-    return WeightAveraging(strategy, config.history.update_dtype)
+    return WeightAveraging(strategy, config.history.update_dtype, config.federate.local_dp())
 
 
 def fltrust_update(config: Config, data_dir: Path, spec: ModelSpec) -> Any:
@@ -291,8 +293,10 @@ def _federate(runtime: Runtime, config: Config, profile: str, fresh: bool, promo
                 )  # fmt: skip
                 tags["test_accuracy"] = f"{test['accuracy']:.6f}"
                 if accountant is not None:  # this round's noise, then epsilon over the whole lineage
-                    if dp > 0:
-                        accountant.step(dp, min(1.0, len(result.replies) / max(1, len(available))))
+                    if dp > 0:  # local DP: the server sees each upload, no amplification by sampling
+                        local = config.federate.dp_mode == "local"
+                        rate = 1.0 if local else min(1.0, len(result.replies) / max(1, len(available)))
+                        accountant.step(dp, rate)
                     epsilon = accountant.epsilon(config.federate.dp_delta)
                     tags.update(privacy_tags(epsilon, config.federate.dp_delta, dp))
                     tracker.log_metrics(run_id, {"dp_epsilon": epsilon}, step=server_round)

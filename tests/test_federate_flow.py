@@ -207,3 +207,27 @@ def test_fltrust_in_production_uses_the_server_few_shot_set_and_forgets_exactly(
         rebuilt = add(rebuilt, history.client_sum(final, cid))
     assert max_abs_difference(rebuilt, forgotten) < 1e-5
 
+
+def test_local_dp_noises_each_upload_on_the_client_and_forgetting_stays_exact(tiny_project):
+    from components.core.state import l2_norm
+    from components.unlearning.forget import forget_client
+    from flows.federate import run_federate
+
+    overrides = {"federate.dp_mode": "local", "federate.dp_noise_multiplier": 0.5, "federate.dp_clipping_norm": 0.5}
+    summary = run_federate(project=str(tiny_project), rounds=2, overrides=overrides)
+    tracker, runtime = tracker_for(tiny_project)
+    history = UpdateHistory(open_store(runtime.store))
+    version = tracker.version(summary["final_version"])
+    ref = manifest_ref_from_tags(version.tags)
+    final = history.read_manifest(ref)
+    assert final.protocol["local_dp"] == {"clipping_norm": 0.5, "noise_multiplier": 0.5}
+    assert final.protocol["strategy"]["name"] == "fedavg"  # no server-side noise: no residual
+    assert final.residual is None and float(version.tags["dp_epsilon"]) > 0
+    # the uploads carry the noise: far above the clipping norm (sigma C per coordinate)
+    upload = history.read_state(final.clients[0].update)
+    assert float(l2_norm(upload)) > 0.5
+    forgotten = forget_client(history, ref, final, "client_00").state
+    rebuilt = history.read_state(history.read_manifest(final.parent).base)
+    for cid in ("client_01", "client_02"):
+        rebuilt = add(rebuilt, history.client_sum(final, cid))
+    assert max_abs_difference(rebuilt, forgotten) < 1e-5

@@ -94,6 +94,9 @@ class FederateConfig(Section):
     # server-side DP around the strategy: clip each upload to dp_clipping_norm, add N(0, (sigma C / n)^2);
     # epsilon at dp_delta (Opacus RDP accountant over the lineage) logged per round and tagged on every version
     dp_noise_multiplier: float | None = Field(None, ge=0)
+    # central: the server clips and noises the aggregate (DP-FedAvg); local: every client clips its delta and
+    # adds N(0, (sigma C)^2) before upload (the noise is its own, forgotten with it; epsilon per client)
+    dp_mode: Literal["central", "local"] = "central"
     dp_clipping_norm: float = Field(1.0, gt=0)
     dp_delta: float = Field(1e-5, gt=0, lt=1)
     clients_per_round: int | None = Field(None, ge=1)
@@ -129,6 +132,12 @@ class FederateConfig(Section):
                 raise ValueError(f"{name}: {exc}") from None
         return self
 
+    def local_dp(self) -> dict[str, float] | None:
+        """Clients' clipping norm and noise multiplier under ``dp_mode: local`` (else ``None``)."""
+        if self.dp_mode != "local" or self.dp_noise_multiplier is None:
+            return None
+        return {"clipping_norm": self.dp_clipping_norm, "noise_multiplier": self.dp_noise_multiplier}
+
     def ensemble_settings(self) -> Any:
         from components.federation.hetero.ensemble import EnsembleSettings
 
@@ -158,7 +167,7 @@ class FederateConfig(Section):
 
         extra = {"server_update": server_update} if self.strategy == "fltrust" and server_update else {}
         inner = build_strategy(self.strategy, **self.strategy_settings(), **extra)
-        if self.dp_noise_multiplier is None:
+        if self.dp_noise_multiplier is None or self.dp_mode == "local":  # local DP is the clients' (local_dp)
             return inner
         return build_strategy("dp-server", strategy=inner, noise_multiplier=self.dp_noise_multiplier,
                               clipping_norm=self.dp_clipping_norm, seed=self.seed)  # fmt: skip

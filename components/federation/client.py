@@ -10,6 +10,7 @@ worker: nothing but the store is shared.
 
 from __future__ import annotations
 
+import secrets
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -84,6 +85,12 @@ def train_weights_client(task: ClientTask) -> ClientReply:
     generator = torch.Generator().manual_seed(task.seed)
     metrics = train_client(model, data, task.train, generator)
     delta = subtract(model.state_dict(), base)
+    local_dp = task.settings.get("local_dp")
+    if local_dp:  # clip and noise before anything leaves the client; OS randomness: the server knows the seeds
+        from components.federation.weights.privacy import perturb_locally
+
+        noise = torch.Generator().manual_seed(secrets.randbits(63))
+        delta = perturb_locally(delta, local_dp["clipping_norm"], local_dp["noise_multiplier"], noise)
     if task.settings.get("update_dtype") == "float16":  # half the bytes; the server applies exactly these
         delta = narrow(delta)
     metrics = {k: v for k, v in metrics.items() if k != "num_examples"}

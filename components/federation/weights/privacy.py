@@ -192,17 +192,23 @@ def lineage_accountant(history: Any, manifest_ref: Any, num_clients: int) -> Pri
     """The accountant after every noised round in the lineage ending at ``manifest_ref`` (oldest first).
 
     A round counts when its manifest records the ``dp-server`` strategy with a
-    positive noise multiplier; its sampling rate is its participants over
-    ``num_clients``. Deletions add no noise and spend nothing.
+    positive noise multiplier (its sampling rate: its participants over
+    ``num_clients``), or the weight protocol's ``local_dp`` (rate 1: epsilon of
+    a client that took part in every round). Deletions add no noise and spend nothing.
     """
     noised: list[tuple[float, float]] = []
     ref = manifest_ref
     while ref is not None:
         manifest = history.read_manifest(ref)
-        strategy = (getattr(manifest, "protocol", None) or {}).get("strategy") or {}
+        protocol = getattr(manifest, "protocol", None) or {}
+        strategy = protocol.get("strategy") or {}
         if strategy.get("name") == "dp-server" and float(strategy.get("noise_multiplier", 0)) > 0:
             rate = min(1.0, len(manifest.client_ids) / max(1, num_clients))
             noised.append((float(strategy["noise_multiplier"]), rate))
+        elif (protocol.get("local_dp") or {}).get("noise_multiplier", 0) > 0 and hasattr(manifest, "clients"):
+            # local DP: each upload is a Gaussian mechanism the server sees as is (no amplification by
+            # sampling: it knows who took part); a client that took part in every round bounds the rest
+            noised.append((float(protocol["local_dp"]["noise_multiplier"]), 1.0))
         ref = manifest.parent
     accountant = PrivacyAccountant()
     for sigma, rate in reversed(noised):

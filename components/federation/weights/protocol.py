@@ -47,22 +47,35 @@ class WeightAveraging(Protocol):
     update_dtype
         ``float16``: clients upload half-precision deltas (``history.update_dtype``);
         the server applies exactly those values, widened to float32.
+    local_dp
+        ``{"clipping_norm": C, "noise_multiplier": sigma}``: every client clips its
+        delta to ``C`` and adds ``N(0, (sigma C)^2)`` before upload (local DP,
+        ``federate.dp_mode: local``). The noise is drawn from the OS's randomness,
+        never from the federation's seed, which the server knows.
     """
 
     name = "weights"
 
-    def __init__(self, strategy: Strategy, update_dtype: str = "float32") -> None:
+    def __init__(
+        self, strategy: Strategy, update_dtype: str = "float32", local_dp: Mapping[str, float] | None = None
+    ) -> None:
         if update_dtype not in ("float32", "float16"):
             raise ValueError(f"update_dtype must be float32 or float16, not {update_dtype!r}")
+        if local_dp is not None and not (local_dp["clipping_norm"] > 0 and local_dp["noise_multiplier"] >= 0):
+            raise ValueError(f"local_dp needs clipping_norm > 0 and noise_multiplier >= 0, got {dict(local_dp)}")
         self.strategy = strategy
         self.update_dtype = update_dtype
+        self.local_dp = dict(local_dp) if local_dp is not None else None
 
     @property
     def holds_all_updates(self) -> bool:
         return self.strategy.holds_all_updates
 
     def client_settings(self, client_id: str) -> Mapping[str, Any]:
-        return {"update_dtype": self.update_dtype} if self.update_dtype != "float32" else {}
+        settings: dict[str, Any] = {"update_dtype": self.update_dtype} if self.update_dtype != "float32" else {}
+        if self.local_dp is not None:
+            settings["local_dp"] = dict(self.local_dp)
+        return settings
 
     def configure_fit(self, server_round: int, available: Sequence[str], rng: np.random.Generator) -> list[str]:
         return self.strategy.configure_fit(server_round, available, rng)
@@ -92,13 +105,15 @@ class WeightAveraging(Protocol):
         described: dict[str, Any] = {"name": self.name, "strategy": self.strategy.describe()}
         if self.update_dtype != "float32":
             described["update_dtype"] = self.update_dtype
+        if self.local_dp is not None:
+            described["local_dp"] = dict(self.local_dp)
         return described
 
 
 @register_protocol("weights")
 def _from_record(record: Mapping[str, Any]) -> Protocol:
     strategy = strategy_from_record(record.get("strategy") or {"name": "fedavg"})
-    return WeightAveraging(strategy, str(record.get("update_dtype", "float32")))
+    return WeightAveraging(strategy, str(record.get("update_dtype", "float32")), record.get("local_dp"))
 
 
 def weight_protocol(strategy: str, update_dtype: str = "float32", **settings: Any) -> WeightAveraging:
