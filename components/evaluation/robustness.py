@@ -38,7 +38,7 @@ import torch
 
 from components.config.sections import ModelConfig
 from components.core.serialize import state_from_bytes, state_to_bytes
-from components.core.state import StateDict, add
+from components.core.state import add
 from components.data.datasets import RawDataset, Split
 from components.data.layout import FederationData, PrepareSettings, prepare_data, read_split
 from components.data.staging import stage_splits
@@ -107,8 +107,7 @@ class RobustnessSettings:
     target_class: int = 0
     trigger_size: int = 3
     forget_point: tuple[str, str, float] | None = ("credit", "backdoor", 0.2)  # strategy, attack, fraction
-    # federated split learning runs (strategy, attack, fraction): the client part aggregated by the strategy;
-    # data attacks only (an update attack has no meaning for activations); cut after split_cut stages
+    # splitfed runs (strategy, attack, fraction), cut after split_cut stages; data attacks only
     splitfed: tuple[tuple[str, str | None, float], ...] = (("fedavg", None, 0.0), ("credit", None, 0.0),
                                                            ("credit", "label-flip", 0.2))  # fmt: skip
     split_cut: int = 1
@@ -181,20 +180,14 @@ class AttackedWeights(WeightAveraging):
         return dataclasses.replace(honest, upload=upload)
 
 
-def fltrust_update(
-    spec: ModelSpec, server_set: Split, train: TrainSettings, seed: int
-) -> Callable[[StateDict], StateDict]:
-    """FLTrust's server update: the server trains the global model on its few-shot set; the delta."""
-    return fltrust_server_update(spec, server_set, train, seed)
-
-
 def strategy_for(name: str, s: RobustnessSettings, spec: ModelSpec, server_set: Split, seed: int) -> Strategy:
     """The strategy ``name`` with the suite's settings (FLTrust's server update from the server set)."""
     n = s.data.num_clients
     settings: dict[str, dict[str, Any]] = {
         "trimmed-mean": {"beta": s.trimmed_beta},
         "krum": {"num_malicious": round(s.krum_fraction * n)},
-        "fltrust": {"server_update": fltrust_update(spec, server_set, replace(s.train, local_epochs=s.server_epochs), seed)},
+        "fltrust": {"server_update": fltrust_server_update(
+            spec, server_set, replace(s.train, local_epochs=s.server_epochs), seed)},
         "credit": {"num_groups": s.credit_groups, "seed": seed},
     }  # fmt: skip
     return build_strategy(name, **settings.get(name, {}))
