@@ -14,7 +14,7 @@ from flows.suites import SUITES, override_settings, settings_for, suite_named
 ROWS = {
     "robustness": {"protocol", "strategy", "attack", "malicious_fraction", "sigma", "test_accuracy",
                    "test_accuracy_sd", "backdoor_asr", "malicious_excluded_rate", "benign_excluded_rate", "epsilon",
-                   "bytes_per_round", "seeds"},
+                   "bytes_per_round", "seeds", "download_bytes_per_round"},
     "distillation": {"method", "alpha", "test_accuracy", "test_accuracy_sd", "client_accuracy_mean",
                      "bytes_per_round", "seeds"},
     "fewshot": {"method", "shots", "client_accuracy_mean", "client_accuracy_min", "test_accuracy",
