@@ -10,7 +10,6 @@ version, gets nothing.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -64,5 +63,4 @@ def export_client_model(
         "path": str(path),
         "sha256": sha256_bytes(data),
         "bytes": len(data),
-        "model": json.loads(json.dumps(spec.to_dict())),
     }

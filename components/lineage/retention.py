@@ -67,10 +67,10 @@ def round_droppable(manifest: RoundManifest, live: set[str]) -> list[tuple[str, 
             found.append((f"upload of {c.client_id} (round {r})", c.upload))
     prefix = manifest.global_state.key.rsplit("/", 1)[0] + "/sums/"
     for cid, ref in manifest.sums.items():
-        if ref.key.startswith(prefix) and ref.key not in live:  # written this round and superseded since
+        if ref.key.startswith(prefix):  # written this round (superseded since, unless live)
             found.append((f"running sum of {cid} (round {r}, superseded)", ref))
     unique: dict[str, tuple[str, ObjectRef]] = {}
-    for what, ref in found:
+    for what, ref in found:  # an applied delta may also be the upload: once, under its first name
         if ref.key not in live:
             unique.setdefault(ref.key, (what, ref))
     return list(unique.values())
