@@ -86,6 +86,13 @@ def test_scores_and_threshold_match_an_independent_computation():
     assert threshold == pytest.approx(np.median(expected) + 3 * max(mad, 0.01), abs=1e-6)
 
 
+def expected_credit(score: float, center: float, threshold: float) -> float:
+    """The credit rule written out: min_credit against the centre, 1 up to the median, linear to the threshold."""
+    if score >= 1:  # cosine <= 0: opposes the group's centre
+        return 0.01
+    return 1.0 if score <= center else min(1.0, max(0.01, (threshold - score) / (threshold - center)))
+
+
 def test_weights_follow_credit_and_influence_and_an_outlier_is_excluded():
     # Prepare: one group (two groups of which one holds the outlier) of clients around mu
     rng = np.random.default_rng(2)
@@ -93,7 +100,7 @@ def test_weights_follow_credit_and_influence_and_an_outlier_is_excluded():
     vectors = [mu + 0.05 * rng.normal(size=9) for _ in range(8)]
     vectors[3] = -mu  # the outlier
     sizes = [10, 20, 30, 40, 50, 60, 70, 80]
-    strategy = CreditAggregation(num_groups=2, seed=3)
+    strategy = CreditAggregation(num_groups=2, seed=3, norm_bound=0.0)  # the norm bound has its own test
     # Execute
     applied = strategy.aggregate_fit(1, GLOBAL, results_of(vectors, sizes))
     record = applied.record
@@ -104,9 +111,12 @@ def test_weights_follow_credit_and_influence_and_an_outlier_is_excluded():
     # weights = (group's share of kept examples) x n_i c_i / sum_group n_j c_j, recomputed here
     size = dict(zip(IDS, sizes))
     kept_total = sum(n for c, n in size.items() if c != "c03")
-    for group in record["groups"]:
+    for group, threshold in zip(record["groups"], record["thresholds"]):
         kept = [c for c in group if c != "c03"]
-        credit = {c: min(1.0, max(0.01, 1 - record["scores"][c])) for c in kept}
+        center = np.median([record["scores"][c] for c in group])  # credit relative to the whole group
+        credit = {c: expected_credit(record["scores"][c], center, threshold) for c in kept}
+        assert record["credits"] == pytest.approx({**record["credits"], **credit})
+        assert min(credit.values()) < 1.0  # some kept client is damped, the typical half is not
         norm = sum(size[c] * credit[c] for c in kept)
         group_weight = sum(size[c] for c in kept) / kept_total
         for c in kept:
@@ -116,6 +126,34 @@ def test_weights_follow_credit_and_influence_and_an_outlier_is_excluded():
     assert attribution_gap(GLOBAL, applied) < 1e-6
     assert len(record["thresholds"]) == 2
     json.dumps(record)  # goes into the manifest
+
+
+def test_a_scaled_upload_enters_with_its_norm_bounded_by_the_rounds_median():
+    # Prepare: 7 honest clients around mu, 3 that upload 10x an honest update (model replacement)
+    rng = np.random.default_rng(4)
+    mu = rng.normal(size=9)
+    honest = [mu + 0.3 * rng.normal(size=9) for _ in range(10)]
+    vectors = [v * (10.0 if i >= 7 else 1.0) for i, v in enumerate(honest)]
+    results = results_of(vectors)
+    # Execute
+    applied = CreditAggregation(num_groups=2, seed=1).aggregate_fit(1, GLOBAL, results)
+    unbounded = CreditAggregation(num_groups=2, seed=1, norm_bound=0.0).aggregate_fit(1, GLOBAL, results)
+    record = applied.record
+    # Assert: the bound is the median norm (numpy), every contribution's norm is at most weight x bound
+    norms = [np.linalg.norm(np.asarray(v, dtype=np.float32)) for v in vectors]
+    assert record["norm_bound"] == pytest.approx(np.median(norms), rel=1e-5)
+    for u, n in zip(applied.updates, norms):
+        assert record["norm_factors"][u.client_id] == pytest.approx(min(1.0, np.median(norms) / n), rel=1e-5)
+        unbounded_weight = u.weight / record["norm_factors"][u.client_id]
+        assert np.linalg.norm(flat(u.contribution())) <= unbounded_weight * record["norm_bound"] * (1 + 1e-5)
+    assert attribution_gap(GLOBAL, applied) < 1e-6
+    # the step stays near the honest mean; without the bound the scaled uploads blow it up
+    honest_mean = np.mean(honest, axis=0)
+    step = flat(applied.state) - flat(GLOBAL)
+    assert np.linalg.norm(step - honest_mean) < 0.5 * np.linalg.norm(honest_mean)
+    assert np.linalg.norm(flat(unbounded.state) - flat(GLOBAL) - honest_mean) > 2 * np.linalg.norm(honest_mean)
+    with pytest.raises(ValueError, match="norm_bound"):
+        CreditAggregation(norm_bound=-1.0)
 
 
 def test_with_30_percent_sign_flipped_clients_credit_stays_close_to_the_honest_mean():
@@ -144,7 +182,7 @@ def test_describe_rebuilds_the_strategy():
     )
     record = strategy.describe()
     assert record == {"name": "credit", "clients_per_round": 6, "num_groups": 3, "mad_factor": 2.5,
-                      "min_mad": 0.02, "min_credit": 0.1, "seed": 9}  # fmt: skip
+                      "min_mad": 0.02, "min_credit": 0.1, "norm_bound": 1.0, "seed": 9}  # fmt: skip
     assert build_strategy(**record).describe() == record
     assert protocol_from_record(WeightAveraging(strategy).describe()).strategy.describe() == record
 
@@ -167,7 +205,9 @@ def test_attribution_is_exact_and_every_group_keeps_a_client(vectors, sizes, num
     # Assert
     assert attribution_gap(GLOBAL, applied) < 1e-6
     weights = applied.record["weights"]
-    assert sum(weights.values()) == pytest.approx(1.0)
+    assert sum(weights.values()) <= 1.0 + 1e-9  # 1 less what the norm bound took off
+    plain = CreditAggregation(num_groups=num_groups, norm_bound=0.0).aggregate_fit(server_round, GLOBAL, results)
+    assert sum(plain.record["weights"].values()) == pytest.approx(1.0)
     for group in applied.record["groups"]:
         assert any(weights[c] > 0 for c in group)
     for u in applied.updates:
