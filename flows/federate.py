@@ -160,7 +160,12 @@ def build_protocol(
         )
     if name == "soft-labels":
         public = stage_public(store, read_public(data_dir), data_version)
-        return SoftLabels(public, spec, config.federate.soft_label_settings())
+        # clients keep their own models; with clients.architectures declared, each trains its profile's
+        architectures = None
+        if config.clients.architectures:
+            profiles = config.clients.profiles(client_ids, spec)
+            architectures = {cid: profiles.spec_for(cid) for cid in client_ids}
+        return SoftLabels(public, spec, config.federate.soft_label_settings(), architectures)
     strategy = config.federate.weight_strategy(fltrust_update(config, data_dir, spec))
     if config.federate.protocol == "splitfed":
         return SplitFed(strategy, config.federate.split_cut, spec.name)

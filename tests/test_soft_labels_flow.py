@@ -23,6 +23,10 @@ def soft_label_project(tmp_path, monkeypatch):
     params["data"]["public_size"] = 120
     params["federate"].update({"protocol": "soft-labels", "grouping": "similarity",
                                "soft_labels": {"server_epochs": 1, "forget_epochs": 1, "client_epochs": 1}})  # fmt: skip
+    # clients of two architectures (round-robin): client_00 and client_02 an MLP, client_01 the global CNN
+    params["clients"] = {"assign": "round-robin", "architectures": {
+        "mlp": {"name": "mlp", "args": {"hidden": 8}},
+        "global": {"name": TINY_PARAMS["model"]["name"], "args": TINY_PARAMS["model"]["args"]}}}  # fmt: skip
     root = write_project(tmp_path / "project", params)
     monkeypatch.setenv("FEDFORGET_PROJECT", str(root))
     monkeypatch.delenv("FEDFORGET_PARAMS", raising=False)
@@ -52,6 +56,17 @@ def test_soft_labels_federate_register_account_bytes_and_forget(soft_label_proje
     assert 0 < comm["upload_bytes_total"] < comm["fedavg_upload_bytes_total"]
     metrics = tracker.run_metrics(summary["run_id"])
     assert metrics["upload_bytes"] == comm["upload_bytes_total"] and metrics["download_bytes"] > 0
+    # the audit shows each round's groups and picks
+    from components.audit.audit import audit
+    from flows.reports.audit import render_markdown
+
+    report = audit(history.store, versions[1].version, versions[1].tags, {})
+    rounds = [n for n in report.nodes if n.kind == "round"]
+    assert [n.method for n in rounds] == ["soft-labels", "soft-labels"]
+    assert rounds[1].decisions["groups"] == final.extra["groups"]
+    markdown = render_markdown(report)
+    picks = final.extra["picks"]
+    assert "## Round decisions" in markdown and ", ".join(f"{c}: {n}" for c, n in picks.items()) in markdown
     # the deletion dispatched to the protocol: a new version without the client
     assert result["status"] == "unlearned" and tracker.alias().version == result["version"]
     assert tracker.version(result["version"]).tags["forgotten_client"] == "client_01"
@@ -64,6 +79,14 @@ def test_soft_labels_federate_register_account_bytes_and_forget(soft_label_proje
     state, _ = state_from_bytes((soft_label_project / "c0.safetensors").read_bytes())
     personal, _ = state_from_bytes(history.store.get_verified(after.personal["client_00"]))
     assert exported["protocol"] == "soft-labels" and all(torch.equal(state[k], personal[k]) for k in personal)
+    # a client with its own architecture keeps it (client_00's is an MLP), and the manifests record its spec
+    first = history.read_manifest(manifest_ref_from_tags(versions[0].tags))
+    assert first.protocol["architectures"]["client_00"]["name"] == "mlp"
+    assert (
+        "client_01" not in first.protocol["architectures"]
+        or first.protocol["architectures"]["client_01"]["name"] == "cnn"
+    )
+    assert state and not any("conv" in k for k in state)  # the exported model is client_00's MLP
     # a second deletion recovers with the CLIP-Adapter teacher, as for weights
     second = unlearn(client_id="client_02", project=str(soft_label_project))
     deletion = history.read_manifest(manifest_ref_from_tags(tracker.version(second["version"]).tags))

@@ -29,11 +29,12 @@ def _short(value: str | None, n: int = 12) -> str:
 
 def _decision_row(node: Any) -> str:
     d = node.decisions
-    grouping = d.get("grouping") or {}
+    # soft labels record the grouping mode as a string next to groups and picks; other rules nest them
+    grouping = d.get("grouping") if isinstance(d.get("grouping"), Mapping) else {}
     groups = d.get("groups") or grouping.get("groups")
     thresholds = d.get("thresholds")
     dp = d.get("dp")
-    picks = grouping.get("picks")
+    picks = d.get("picks") or grouping.get("picks")
 
     def show(value: Any) -> str:
         if value is None:
