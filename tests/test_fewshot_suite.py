@@ -31,15 +31,16 @@ def test_a_tiny_seed_gives_every_row_finite_and_the_report_renders(tmp_path):
     rows = summary["rows"]
     assert [(r["method"], r["shots"]) for r in rows] == [(m, k) for m in METHODS for k in (2, 3)]
     for row in rows:
-        assert set(row) == {"method", "shots", *ROW_FIELDS, "seeds"} and row["seeds"] == 1
+        assert set(row) == {"method", "shots", *ROW_FIELDS, *(f"{n}_sd" for n in ROW_FIELDS), "seeds"}
+        assert row["seeds"] == 1
         for name in ROW_FIELDS:
             value = row[name]
             not_applicable = name == "rounds_to_plateau" and row["method"] in ("local-only", "zero-shot")
             not_applicable |= name == "client_compute_s" and row["method"] == "zero-shot"
-            assert (value is None) == not_applicable, (row["method"], name)
+            assert (value is None) == not_applicable == (row[f"{name}_sd"] is None), (row["method"], name)
             if value is not None:
-                assert math.isfinite(value["mean"]) and value["sd"] == 0.0
-        assert 0.0 <= row["client_accuracy_min"]["mean"] <= row["client_accuracy_mean"]["mean"] <= 1.0
+                assert math.isfinite(value) and row[f"{name}_sd"] == 0.0
+        assert 0.0 <= row["client_accuracy_min"] <= row["client_accuracy_mean"] <= 1.0
     # convergence curves per round, forgetting measured against retraining for every federated method
     curve = summary["curves"]["per-device"]["2"]
     assert len(curve["update_norm"]) == 2 and all(p["mean"] > 0 for p in curve["drift_mean"])

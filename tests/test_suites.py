@@ -17,10 +17,12 @@ ROWS = {
                    "bytes_per_round", "seeds", "download_bytes_per_round"},
     "distillation": {"method", "alpha", "test_accuracy", "test_accuracy_sd", "client_accuracy_mean",
                      "bytes_per_round", "seeds"},
-    "fewshot": {"method", "shots", "client_accuracy_mean", "client_accuracy_min", "test_accuracy",
-                "rounds_to_plateau", "client_compute_s", "seeds"},
-    "heterogeneous": {"method", "alpha", "test_accuracy", "personalized_accuracy_mean", "personalized_accuracy_min",
-                      "bytes_per_round", "seeds"},
+    "fewshot": {"method", "shots", "client_accuracy_mean", "client_accuracy_mean_sd", "client_accuracy_min",
+                "client_accuracy_min_sd", "test_accuracy", "test_accuracy_sd", "rounds_to_plateau",
+                "rounds_to_plateau_sd", "client_compute_s", "client_compute_s_sd", "seeds"},
+    "heterogeneous": {"method", "alpha", "test_accuracy", "test_accuracy_sd", "personalized_accuracy_mean",
+                      "personalized_accuracy_mean_sd", "personalized_accuracy_min", "personalized_accuracy_min_sd",
+                      "bytes_per_round", "bytes_per_round_sd", "seeds"},
 }  # fmt: skip
 
 

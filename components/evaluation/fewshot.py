@@ -43,6 +43,7 @@ import numpy as np
 from components.data.datasets import RawDataset
 from components.data.layout import FederationData, PrepareSettings, prepare_data
 from components.evaluation.unlearning import stat as _stat
+from components.evaluation.unlearning import stat_fields
 from components.federation.fewshot.convergence import rounds_to_plateau
 from components.federation.fewshot.features import FeatureBank
 from components.federation.fewshot.model import initial_model, shared_backbone, zero_shot_logits
@@ -223,14 +224,15 @@ def _run_shots(
 
 
 def summarise(seed_results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Rows ``{method, shots, <field>: {mean, sd} | None, seeds}``, mean curves and forgetting over seeds."""
+    """Rows ``{method, shots, <field>, <field>_sd (None where n/a), seeds}``, mean curves and forgetting over seeds."""
     rows, curves = [], {}
     first = seed_results[0]["methods"]
     for method in first:
         for shots in first[method]:
             entries = [s["methods"][method][shots] for s in seed_results]
             row: dict[str, Any] = {"method": method, "shots": int(shots)}
-            row |= {name: _stat([e[name] for e in entries]) for name in ROW_FIELDS}
+            for name in ROW_FIELDS:
+                row |= stat_fields(name, [e[name] for e in entries])
             rows.append(row | {"seeds": len(entries)})
             if "curves" in entries[0]:
                 names = entries[0]["curves"]
@@ -256,11 +258,11 @@ def targets(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
     def acc(method: str, k: int) -> float | None:
         row = table.get((method, k))
-        return row["client_accuracy_mean"]["mean"] if row and row["client_accuracy_mean"] else None
+        return row["client_accuracy_mean"] if row else None
 
     def compute(method: str, k: int) -> float | None:
         row = table.get((method, k))
-        return row["client_compute_s"]["mean"] if row and row["client_compute_s"] else None
+        return row["client_compute_s"] if row else None
 
     out = []
     for k in sorted({r["shots"] for r in rows}):

@@ -47,6 +47,7 @@ from components.data.datasets import RawDataset, Split
 from components.data.layout import FederationData, PrepareSettings, prepare_data, read_public, read_split
 from components.data.staging import stage_splits
 from components.evaluation.unlearning import stat as _stat
+from components.evaluation.unlearning import stat_fields
 from components.federation.hetero.common import model_with, stage_images, stage_split, state_nbytes, unpack
 from components.federation.hetero.ensemble import EnsembleDistillation, EnsembleSettings
 from components.federation.hetero.profiles import ClientProfiles
@@ -325,7 +326,7 @@ def run_seed(
 
 
 def summarise(seed_results: Sequence[Mapping[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """Rows per (method, alpha) with mean and sd over seeds; forgetting rows per (protocol, alpha)."""
+    """Rows per (method, alpha), means over seeds with ``<field>_sd``; forgetting rows per (protocol, alpha)."""
     points = [(p["alpha"], p) for s in seed_results for p in s["points"]]
     alphas = sorted({a for a, _ in points})
     rows, forgetting = [], []
@@ -333,8 +334,10 @@ def summarise(seed_results: Sequence[Mapping[str, Any]]) -> dict[str, list[dict[
         for alpha in alphas:
             found = [p["methods"][method] for a, p in points if a == alpha and method in p["methods"]]
             if found:
-                rows.append({"method": method, "alpha": alpha, **{f: _stat([m.get(f) for m in found]) for f in ROW_FIELDS},
-                             "seeds": len(found)})  # fmt: skip
+                row: dict[str, Any] = {"method": method, "alpha": alpha}
+                for f in ROW_FIELDS:
+                    row |= stat_fields(f, [m.get(f) for m in found])
+                rows.append(row | {"seeds": len(found)})
     for method in FORGETTING:
         for alpha in alphas:
             found = [p["forgetting"][method] for a, p in points if a == alpha and method in p["forgetting"]]

@@ -135,6 +135,14 @@ def stat(values: Sequence[float | None]) -> dict[str, float] | None:
     return {"mean": mean, "sd": sd}
 
 
+def stat_fields(name: str, values: Sequence[float | None]) -> dict[str, float | None]:
+    """``{name: mean, name_sd: sd}`` over the values present (both None where none is): a suite's row cells."""
+    found = stat(values)
+    if found is None:
+        return {name: None, f"{name}_sd": None}
+    return {name: found["mean"], f"{name}_sd": found["sd"]}
+
+
 # --------------------------------------------------------------------------- one seed of the benchmark
 
 METHODS = ("original", "retrain", "subtract", "finetune", "kd-global", "kd-clip", "renormalise")

@@ -38,6 +38,11 @@ def _cell(value: Mapping[str, float] | None, fmt: str) -> str:
     return f"{fmt.format(value['mean'])} ± {fmt.format(value['sd'])}"
 
 
+def _row_stat(row: Mapping[str, Any], name: str) -> dict[str, float] | None:
+    """A row's ``name`` (the mean) and ``<name>_sd`` as the ``{mean, sd}`` a cell shows."""
+    return None if row[name] is None else {"mean": row[name], "sd": row[f"{name}_sd"]}
+
+
 def render_markdown(result: Mapping[str, Any]) -> str:
     """The rows table (profile stated above it), the targets and forgetting against retraining."""
     cfg = result.get("config", {})
@@ -59,7 +64,7 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         "|---|---|" + "---|" * len(COLUMNS),
     ]
     for row in result["rows"]:
-        cells = [_cell(row[name], fmt) for name, (_, fmt) in COLUMNS.items()]
+        cells = [_cell(_row_stat(row, name), fmt) for name, (_, fmt) in COLUMNS.items()]
         lines.append(f"| {row['method']} | {row['shots']} | " + " | ".join(cells) + " |")
     if result.get("targets"):
         lines += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
@@ -107,7 +112,7 @@ def plot(result: Mapping[str, Any], folder: str | Path) -> list[Path]:
     paths = []
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in dict.fromkeys(r["method"] for r in result["rows"]):
-        points = [(r["shots"], r["client_accuracy_mean"]) for r in result["rows"] if r["method"] == method]
+        points = [(r["shots"], _row_stat(r, "client_accuracy_mean")) for r in result["rows"] if r["method"] == method]
         points = [(k, v) for k, v in points if v is not None]
         ax.errorbar([k for k, _ in points], [v["mean"] for _, v in points], yerr=[v["sd"] for _, v in points],
                     marker="o", capsize=3, label=method, color=COLOURS.get(method))  # fmt: skip

@@ -36,7 +36,7 @@ def targets(summary: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[dict[str
     row = {(r["method"], r["alpha"]): r for r in summary["rows"]}
 
     def mean(method: str, alpha: float, metric: str) -> float:
-        return row[(method, alpha)][metric]["mean"]
+        return row[(method, alpha)][metric]
 
     out = []
     for alpha in sorted({a for _, a in row}):
@@ -75,6 +75,11 @@ def _cell(stat: Mapping[str, float] | None, fmt: str, scale: float = 1.0) -> str
     return f"{fmt.format(stat['mean'] * scale)} ± {fmt.format(stat['sd'] * scale)}"
 
 
+def _row_stat(row: Mapping[str, Any], field: str) -> dict[str, float] | None:
+    """A row's ``field`` (the mean) and ``<field>_sd`` as the ``{mean, sd}`` a cell shows."""
+    return None if row[field] is None else {"mean": row[field], "sd": row[f"{field}_sd"]}
+
+
 def render_markdown(result: Mapping[str, Any]) -> str:
     """The results table, the forgetting table and the targets, with the profile stated."""
     cfg = result.get("config", {})
@@ -92,7 +97,9 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         "|---|---|" + "---|" * len(COLUMNS),
     ]
     for row in sorted(result["rows"], key=lambda r: (METHODS.index(r["method"]), r["alpha"])):
-        cells = [_cell(row[f], fmt, 1e-6 if f == "bytes_per_round" else 1.0) for f, (_, fmt) in COLUMNS.items()]
+        cells = [
+            _cell(_row_stat(row, f), fmt, 1e-6 if f == "bytes_per_round" else 1.0) for f, (_, fmt) in COLUMNS.items()
+        ]
         lines.append(f"| {LABELS[row['method']]} | {row['alpha']} | " + " | ".join(cells) + " |")
     if result.get("forgetting"):
         lines += ["", "## Forgetting the client with the most data, against retraining without it", "",
@@ -126,10 +133,10 @@ def plot(result: Mapping[str, Any], folder: str | Path) -> list[Path]:
     width = 0.8 / len(METHODS)
     for ax, metric in zip(axes[0], metrics):
         for i, method in enumerate(METHODS):
-            found = {r["alpha"]: r[metric] for r in rows if r["method"] == method and r[metric] is not None}
+            found = {r["alpha"]: r for r in rows if r["method"] == method and r[metric] is not None}
             xs = [j + i * width for j, a in enumerate(alphas) if a in found]
-            ax.bar(xs, [found[a]["mean"] for a in alphas if a in found], width,
-                   yerr=[found[a]["sd"] for a in alphas if a in found], capsize=3, label=method)  # fmt: skip
+            ax.bar(xs, [found[a][metric] for a in alphas if a in found], width,
+                   yerr=[found[a][f"{metric}_sd"] for a in alphas if a in found], capsize=3, label=method)  # fmt: skip
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(alphas))], [f"alpha {a}" for a in alphas])
         ax.set(title=COLUMNS[metric][0], ylim=(0, 1))
     axes[0][0].legend(fontsize=8)
