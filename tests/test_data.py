@@ -186,3 +186,37 @@ def test_data_prepared_without_the_new_settings_keeps_its_bytes(tmp_path):
     meta = (tmp_path / "federation" / "meta.json").read_text()
     assert "public_size" not in meta and "client_holdout" not in meta and "client_shots" not in meta
     assert not (tmp_path / "federation" / "holdout").exists()
+
+
+def test_the_prepare_stage_records_each_clients_model_spec_for_the_protocols_that_use_them(tmp_path):
+    # Prepare: params declaring two architectures, round-robin, for a heterogeneous protocol
+    import yaml
+
+    from components.data.prepare import client_models, data_config, prepare
+
+    params = {
+        "data": {"dataset": "digits", "num_clients": 3, "alpha": 1.0, "shots": 5, "seed": 1},
+        "federate": {"protocol": "shared-base"},
+        "clients": {"assign": "round-robin", "architectures": {
+            "small": {"name": "cnn", "args": {"channels": [4, 8], "hidden": 16}, "local_epochs": 2},
+            "mlp": {"name": "mlp", "args": {"hidden": 8}}}},
+    }  # fmt: skip
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    config = data_config(path)
+    raw = load_raw("digits")
+    # Execute
+    models = client_models(path, "default", config, raw)
+    meta = prepare(config, tmp_path / "data", raw, models)
+    # Assert: sorted client ids alternate the declared architectures, with the data's sizes and the budget
+    recorded = meta["federation"]["client_models"]
+    assert [recorded[c]["architecture"] for c in ("client_00", "client_01", "client_02")] == ["small", "mlp", "small"]
+    assert recorded["client_00"]["model"] == {
+        "name": "cnn", "args": {"num_classes": 10, "in_channels": 1, "image_size": 8, "channels": [4, 8], "hidden": 16}
+    }  # fmt: skip
+    assert recorded["client_00"]["local_epochs"] == 2
+    assert FederationData(tmp_path / "data" / "federation").meta["client_models"] == recorded
+    # a protocol that trains one global architecture records none, and the data keeps its bytes
+    params["federate"]["protocol"] = "weights"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    assert client_models(path, "default", config, raw) is None

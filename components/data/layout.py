@@ -176,8 +176,13 @@ def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
     path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
-def prepare_data(settings: PrepareSettings, out_dir: str | Path, raw: RawDataset) -> dict[str, Any]:
+def prepare_data(
+    settings: PrepareSettings, out_dir: str | Path, raw: RawDataset, client_models: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """Write client shards, the test set and the few-shot server set.
+
+    ``client_models`` (client id -> its architecture, model spec and budget, from the ``clients``
+    params) is recorded in the federation's meta as ``client_models``; absent when ``None``.
 
     Layout under ``out_dir``::
 
@@ -246,6 +251,7 @@ def prepare_data(settings: PrepareSettings, out_dir: str | Path, raw: RawDataset
             else {}
         ),
         **({"validation": {"num_examples": len(validation_idx)}} if settings.validation_size else {}),
+        **({"client_models": {cid: dict(client_models[cid]) for cid in ids}} if client_models else {}),
     }
     server_meta = {
         **common,

@@ -3,7 +3,9 @@
 Run by DVC (see ``dvc.yaml``) as ``python -m components.data.prepare --profile P``;
 ``fedforget prepare`` validates first and then asks DVC to run it, so the
 result is versioned in ``dvc.lock``. This module depends only on
-``components/params.py`` and ``components/data.py`` (the stage's deps).
+``components/config/params.py``, ``components/data/`` and, for the clients'
+model specs (``clients`` section), ``components/federation/hetero/profiles.py``
+(the stage's deps).
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from components.config.params import (
 )
 from components.data.datasets import DataError, RawDataset, load_raw
 from components.data.layout import DataConfig, prepare_data, validate_settings
+from components.data.partition import client_ids
+
+PER_CLIENT_MODELS = ("ensemble-distillation", "shared-base", "soft-labels")  # protocols that read `clients`
 
 
 def data_config(params_path: Path, profile: str = DEFAULT_PROFILE) -> DataConfig:
@@ -43,8 +48,29 @@ def check(config: DataConfig, raw_dir: str | None = None) -> RawDataset:
     return raw
 
 
-def prepare(config: DataConfig, out_dir: Path, raw: RawDataset) -> dict[str, Any]:
-    return prepare_data(config.prepare_settings(), out_dir, raw)
+def client_models(params_path: Path, profile: str, config: DataConfig, raw: RawDataset) -> dict[str, Any] | None:
+    """Each client's model spec and budget from the ``clients`` section, for the protocols that use it.
+
+    ``None`` when ``federate.protocol`` trains one global architecture (``weights``, ``splitfed``) or no
+    architecture is declared. The data-derived sizes (classes, channels, image size) come from the raw
+    data, as the flows derive them.
+    """
+    sections = resolve_sections(read_params(params_path), profile)
+    section = sections.get("clients") or {}
+    protocol = (sections.get("federate") or {}).get("protocol", "weights")
+    if protocol not in PER_CLIENT_MODELS or not section.get("architectures"):
+        return None
+    from components.federation.hetero.profiles import ClientProfiles
+    from components.models.students import ModelSpec
+
+    ids = client_ids(config.num_clients)
+    size = int(raw.train.images.shape[-1])
+    derived = ModelSpec("derived", {"num_classes": raw.num_classes, "in_channels": 1, "image_size": size})
+    return ClientProfiles.from_params(section, ids).resolved(derived).client_records(ids)
+
+
+def prepare(config: DataConfig, out_dir: Path, raw: RawDataset, models: dict[str, Any] | None = None) -> dict[str, Any]:
+    return prepare_data(config.prepare_settings(), out_dir, raw, client_models=models)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         root = find_project_root()
         config = data_config(params_file(root), args.profile)
         raw = check(config, os.environ.get("FEDFORGET_RAW_DIR"))
+        models = client_models(params_file(root), args.profile, config, raw)
         out_dir = root / "data" / args.profile
-        meta = prepare(config, out_dir, raw)
+        meta = prepare(config, out_dir, raw, models)
     except (ConfigError, DataError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
