@@ -385,10 +385,18 @@ def _bytes(result: RoundResult) -> dict[str, float]:
     else:
         upload = {r.client_id: int(r.upload.size or 0) if r.upload else 0 for r in result.replies}
         download = upload
+    reference = {}  # what FedAvg would move on the same global model, where the protocol reports it
+    if comm and "fedavg_upload_bytes_per_client" in comm:
+        reference = {
+            "fedavg_upload_bytes": float(comm["fedavg_upload_bytes_per_client"] * len(upload)),
+            "fedavg_download_bytes": float(comm["fedavg_download_bytes_per_client"] * len(download)),
+        }
     return {
         "upload_bytes": float(sum(upload.values())),
         "download_bytes": float(sum(download.values())),
         **{f"upload_bytes.{cid}": float(n) for cid, n in upload.items()},
+        **{f"download_bytes.{cid}": float(n) for cid, n in download.items()},
+        **reference,
     }
 
 

@@ -56,6 +56,9 @@ def test_soft_labels_federate_register_account_bytes_and_forget(soft_label_proje
     assert 0 < comm["upload_bytes_total"] < comm["fedavg_upload_bytes_total"]
     metrics = tracker.run_metrics(summary["run_id"])
     assert metrics["upload_bytes"] == comm["upload_bytes_total"] and metrics["download_bytes"] > 0
+    # per client both ways, next to FedAvg's on the same model
+    assert metrics["fedavg_upload_bytes"] == comm["fedavg_upload_bytes_total"]
+    assert metrics["download_bytes.client_00"] == comm["download_bytes"]["client_00"] > 0
     # the audit shows each round's groups and picks
     from components.audit.audit import audit
     from flows.reports.audit import render_markdown
