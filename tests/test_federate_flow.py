@@ -131,7 +131,10 @@ def test_a_robust_strategy_from_params_runs_records_its_decisions_and_forgets_ex
     rounds = [n for n in report.nodes if n.kind == "round"]
     assert [n.method for n in rounds] == ["weights/credit", "weights/credit"]
     assert rounds[0].decisions["excluded"] == decision["excluded"] and "groups" in rounds[1].decisions
-    assert "## Round decisions" in render_markdown(report)
+    markdown = render_markdown(report)
+    assert "## Round decisions" in markdown
+    scores = rounds[1].decisions["scores"]  # each client's suspicion score is in the table
+    assert ", ".join(f"{c}: {v:.4g}" for c, v in scores.items()) in markdown
     # forgetting a client subtracts exactly what was applied for it (the rest rebuilds the state)
     forgotten = forget_client(history, manifest_ref_from_tags(version.tags), final, "client_01")
     initial = history.read_state(history.read_manifest(final.parent).base)  # two rounds

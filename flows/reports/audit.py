@@ -48,7 +48,8 @@ def _decision_row(node: Any) -> str:
     dp_cell = f"{dp['noise_std']:.3g}, {show(dp.get('clipped'))}" if dp else "-"
     return (
         f"| {node.server_round} | {node.version or 'unregistered'} | {node.method or '-'} | {show(groups)} | "
-        f"{show(d.get('excluded')) if 'excluded' in d else '-'} | {show(thresholds)} | {dp_cell} | {show(picks)} |"
+        f"{show(d.get('scores'))} | {show(d.get('excluded')) if 'excluded' in d else '-'} | {show(thresholds)} | "
+        f"{dp_cell} | {show(picks)} |"
     )
 
 
@@ -114,8 +115,9 @@ def render_markdown(report: AuditReport, graph_file: str | None = "lineage.png")
             "",
             "## Round decisions (the server step's record)",
             "",
-            "| round | version | method | groups | excluded | thresholds | DP noise std, clipped | soft-label picks |",
-            "|---|---|---|---|---|---|---|---|",
+            "| round | version | method | groups | scores | excluded | thresholds | DP noise std, clipped | "
+            "soft-label picks |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         lines += [_decision_row(n) for n in decided]
     lines += ["", "## Deletions applied", ""]
