@@ -12,6 +12,10 @@ Usage::
     .venv/bin/python benchmarks/tune_recovery.py --profile default --rounds 10
     .venv/bin/python benchmarks/tune_recovery.py --grid speed --shots 64
 
+``--grid teacher`` keeps the distillation settings of params and sweeps the
+teacher's levers: the tower's input size (``--image-sizes``) and an ensemble of
+those sizes; it also retrains, and writes ``tune_recovery-<profile>-teacher.json``.
+
 ``--grid levers`` (default) sweeps shots, adapter alpha, beta, T and epochs and
 writes ``benchmarks/results/tune_recovery-<profile>.json``. ``--grid speed``
 keeps the teacher from params and sweeps what sets the distillation's wall time
@@ -43,7 +47,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=100, help="a seed the evaluation does not report")
     parser.add_argument("--validation-size", type=int, default=2000)
     parser.add_argument("--shots", default="16,32,64")
-    parser.add_argument("--grid", choices=("levers", "speed"), default="levers")
+    parser.add_argument("--grid", choices=("levers", "speed", "teacher"), default="levers")
+    parser.add_argument("--image-sizes", default="112,160,224", help="--grid teacher: the tower's input sizes")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
     os.environ.setdefault("FEDFORGET_PROJECT", str(REPO))
@@ -110,6 +115,9 @@ def main() -> int:
 
     base_teacher = config.teacher.spec()
     backbone = build_backbone(base_teacher)
+    if args.grid == "teacher":
+        return teacher_sweep(Setup(args, config, spec, shards, validation, rounds, target, original, val_forgotten,
+                                   few_shot, forgotten, base_teacher, backbone, fed, cache))  # fmt: skip
     if args.grid == "speed":
         return speed_sweep(Setup(args, config, spec, shards, validation, rounds, target, original, val_forgotten,
                                  few_shot, forgotten, base_teacher, backbone, fed, cache))  # fmt: skip
@@ -240,6 +248,85 @@ def speed_sweep(setup: Setup) -> int:
           f"after subtraction {val_forgotten:.4f}")  # fmt: skip
     for r in result["all"][:15]:
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
+    print(f"wrote {path}")
+    return 0
+
+
+def retrain_without_target(setup: Setup) -> tuple[Any, float]:
+    """Retrain (no target client) on the tuning seed: its validation accuracy and wall time."""
+    from components.evaluation.unlearning import simulate_federation
+    from components.lineage.history import UpdateHistory
+    from components.lineage.store import LocalStore
+
+    started = time.perf_counter()
+    remaining = {c: s for c, s in setup.shards.items() if c != setup.target}
+    retrain = simulate_federation(setup.spec, remaining, setup.validation, setup.config.train.settings(), setup.rounds,
+                                  setup.config.federate.seed + setup.args.seed,
+                                  UpdateHistory(LocalStore(Path(tempfile.mkdtemp()))), "tune-retrain")  # fmt: skip
+    elapsed = time.perf_counter() - started
+    print(f"retrain: {elapsed:.0f} s; validation accuracy {retrain.test_accuracy[-1]:.4f}", flush=True)
+    return retrain, elapsed
+
+
+def teacher_sweep(setup: Setup) -> int:
+    """The teacher's levers: the tower's input size, and an ensemble of the sizes (mean of probabilities).
+
+    Distillation settings stay those of params; every row is scored on validation next to Retrain's.
+    """
+    import torch
+
+    from components.learning.distill import distill
+    from components.learning.train import evaluate
+    from components.models.clip_backbone import build_backbone
+    from components.models.clip_teacher import fit_teacher, teacher_logits
+    from components.unlearning.verify import model_from_state
+
+    args, config = setup.args, setup.config
+    retrain, _ = retrain_without_target(setup)
+    retrain_val = retrain.test_accuracy[-1]
+    d = config.distill.settings()
+
+    def recover(logits, data) -> float:
+        student = model_from_state(setup.spec, setup.forgotten)
+        distill(student, data, logits, d, torch.Generator().manual_seed(0))
+        return evaluate(student, setup.validation)["accuracy"]
+
+    rows = []
+    for shots in [int(s) for s in args.shots.split(",")]:
+        data = setup.few_shot(shots)
+        probabilities = []
+        for size in [int(s) for s in args.image_sizes.split(",")]:
+            spec_t = replace(setup.base_teacher, image_size=size)
+            started = time.perf_counter()
+            backbone = build_backbone(spec_t)
+            fitted = fit_teacher(spec_t, backbone, data, setup.fed.meta["class_names"], setup.validation, setup.cache)
+            logits = teacher_logits(fitted, backbone, data, setup.cache)
+            probabilities.append(torch.softmax(logits.double(), dim=1))
+            rows.append({"shots": shots, "teacher": f"tower@{size}",
+                         "teacher_validation_accuracy": fitted.metrics["test_accuracy"],
+                         "validation_accuracy": recover(logits, data),
+                         "teacher_s": time.perf_counter() - started})  # fmt: skip
+            print(rows[-1], flush=True)
+        if len(probabilities) > 1:
+            # log of the mean probability: distil() softens logits by T, and log-probabilities are logits
+            ensemble = torch.log(torch.stack(probabilities).mean(dim=0).clamp_min(1e-12)).float()
+            name = "ensemble@" + "+".join(args.image_sizes.split(","))
+            rows.append({"shots": shots, "teacher": name, "teacher_validation_accuracy": None,
+                         "validation_accuracy": recover(ensemble, data)})  # fmt: skip
+            print(rows[-1], flush=True)
+    for r in rows:
+        r["vs_retrain_pt"] = 100 * (r["validation_accuracy"] - retrain_val)
+    result = {
+        "profile": args.profile, "seed": args.seed, "rounds": setup.rounds, "target": setup.target,
+        "distill": {"epochs": d.epochs, "lr": d.lr, "temperature": d.temperature, "beta": d.beta},
+        "validation_original": setup.original.test_accuracy[-1], "validation_retrain": retrain_val,
+        "validation_after_subtraction": setup.val_forgotten,
+        "all": sorted(rows, key=lambda r: -r["validation_accuracy"]),
+    }  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"tune_recovery-{args.profile}-teacher.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"validation accuracy: original {result['validation_original']:.4f}, retrain {retrain_val:.4f}")
     print(f"wrote {path}")
     return 0
 
