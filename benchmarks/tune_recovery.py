@@ -13,8 +13,9 @@ Usage::
     .venv/bin/python benchmarks/tune_recovery.py --grid speed --shots 64
 
 ``--grid teacher`` keeps the distillation settings of params and sweeps the
-teacher's levers: the tower's input size (``--image-sizes``) and an ensemble of
-those sizes; it also retrains, and writes ``tune_recovery-<profile>-teacher.json``.
+teacher's levers: the tower's input size (``--image-sizes``), an ensemble of
+those sizes, and augmentation (``--augment``: shifted and flipped copies of the
+head's training images, never of its validation split); it also retrains, and writes ``tune_recovery-<profile>-teacher.json``.
 
 ``--grid levers`` (default) sweeps shots, adapter alpha, beta, T and epochs and
 writes ``benchmarks/results/tune_recovery-<profile>.json``. ``--grid speed``
@@ -49,6 +50,7 @@ def main() -> int:
     parser.add_argument("--shots", default="16,32,64")
     parser.add_argument("--grid", choices=("levers", "speed", "teacher"), default="levers")
     parser.add_argument("--image-sizes", default="112,160,224", help="--grid teacher: the tower's input sizes")
+    parser.add_argument("--augment", default="", help="--grid teacher: augmented copies per training image, e.g. 2,4")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
     os.environ.setdefault("FEDFORGET_PROJECT", str(REPO))
@@ -268,6 +270,52 @@ def retrain_without_target(setup: Setup) -> tuple[Any, float]:
     return retrain, elapsed
 
 
+def augmented(data: Any, copies: int, seed: int) -> Any:
+    """``copies`` randomly shifted (up to 2 px) and horizontally flipped versions of every image."""
+    import torch
+
+    from components.data.datasets import Split
+
+    generator = torch.Generator().manual_seed(seed)
+    images, labels = [], []
+    for _ in range(copies):
+        batch = data.images.clone()
+        flip = torch.rand(len(batch), generator=generator) < 0.5
+        batch[flip] = batch[flip].flip(-1)
+        shifts = torch.randint(-2, 3, (len(batch), 2), generator=generator)
+        batch = torch.stack([torch.roll(img, (int(dy), int(dx)), dims=(0, 1)) for img, (dy, dx) in zip(batch, shifts)])
+        images.append(batch)
+        labels.append(data.labels)
+    return Split(torch.cat(images).contiguous(), torch.cat(labels).contiguous())
+
+
+def fit_augmented_teacher(spec: Any, backbone: Any, few_shot: Any, class_names: Any, test: Any, cache: Any,
+                          copies: int) -> Any:  # fmt: skip
+    """``fit_teacher`` with augmented copies of the head's training images (never of its validation split)."""
+    import torch
+
+    from components.models.clip_teacher import (
+        AdapterHead,
+        FittedTeacher,
+        _accuracy_and_loss,
+        fit_head,
+        split_few_shot,
+    )
+
+    features = cache.get(backbone, few_shot)
+    train_idx, val_idx = split_few_shot(few_shot.labels.numpy(), spec.val_fraction, spec.seed)
+    extra = augmented(few_shot.subset(train_idx), copies, spec.seed)
+    train_x = torch.cat([features[train_idx], cache.get(backbone, extra)])
+    train_y = torch.cat([few_shot.labels[train_idx], extra.labels])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        head = AdapterHead(backbone.text_features(class_names), spec.adapter_alpha, backbone.logit_scale,
+                           spec.adapter_reduction, backbone.projection)  # fmt: skip
+    metrics = fit_head(head, train_x, train_y, features[val_idx], few_shot.labels[val_idx], spec)
+    metrics["test_accuracy"], metrics["test_loss"] = _accuracy_and_loss(head, cache.get(backbone, test), test.labels)
+    return FittedTeacher(spec, tuple(class_names), head, metrics)
+
+
 def teacher_sweep(setup: Setup) -> int:
     """The teacher's levers: the tower's input size, and an ensemble of the sizes (mean of probabilities).
 
@@ -306,6 +354,15 @@ def teacher_sweep(setup: Setup) -> int:
                          "teacher_validation_accuracy": fitted.metrics["test_accuracy"],
                          "validation_accuracy": recover(logits, data),
                          "teacher_s": time.perf_counter() - started})  # fmt: skip
+            print(rows[-1], flush=True)
+        for copies in [int(c) for c in args.augment.split(",") if c]:
+            started = time.perf_counter()
+            fitted = fit_augmented_teacher(setup.base_teacher, setup.backbone, data, setup.fed.meta["class_names"],
+                                           setup.validation, setup.cache, copies)  # fmt: skip
+            logits = teacher_logits(fitted, setup.backbone, data, setup.cache)
+            rows.append({"shots": shots, "teacher": f"tower@default+augment{copies}",
+                         "teacher_validation_accuracy": fitted.metrics["test_accuracy"],
+                         "validation_accuracy": recover(logits, data), "teacher_s": time.perf_counter() - started})  # fmt: skip
             print(rows[-1], flush=True)
         if len(probabilities) > 1:
             # log of the mean probability: distil() softens logits by T, and log-probabilities are logits
