@@ -200,8 +200,7 @@ def credit_weights(
     total = sum(group_examples)
     group_weight = {c: n / total for group, n in zip(groups, group_examples) for c in group}
     weights = {cid: group_weight[cid] * in_group.get(cid, 0.0) * factor_of[cid] for cid in client_ids}
-    return CreditDecision(groups, scores, thresholds, sorted(excluded), weights, credit_of,
-                          {cid: factor_of[cid] for cid in client_ids}, bound)  # fmt: skip
+    return CreditDecision(groups, scores, thresholds, sorted(excluded), weights, credit_of, factor_of, bound)
 
 
 @register_strategy("credit")
