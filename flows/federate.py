@@ -40,7 +40,7 @@ from components.federation.logits.protocol import SoftLabels
 from components.federation.protocol import Protocol
 from components.federation.rounds import Federation, RoundResult, run_round
 from components.federation.split.protocol import SplitFed
-from components.federation.weights.privacy import lineage_accountant
+from components.federation.weights.privacy import lineage_accountant, sampling_rate
 from components.federation.weights.protocol import WeightAveraging
 from components.learning.train import torch_threads
 from components.lineage.history import UpdateHistory
@@ -298,10 +298,9 @@ def _federate(runtime: Runtime, config: Config, profile: str, fresh: bool, promo
                 )  # fmt: skip
                 tags["test_accuracy"] = f"{test['accuracy']:.6f}"
                 if accountant is not None:  # this round's noise, then epsilon over the whole lineage
-                    if dp > 0:  # local DP: the server sees each upload, no amplification by sampling
-                        local = config.federate.dp_mode == "local"
-                        rate = 1.0 if local else min(1.0, len(result.replies) / max(1, len(available)))
-                        accountant.step(dp, rate)
+                    if dp > 0:  # the same rate rule as the lineage replay
+                        local = config.federate.local_dp() is not None
+                        accountant.step(dp, sampling_rate(local, len(result.replies), len(available)))
                     epsilon = accountant.epsilon(config.federate.dp_delta)
                     tags.update(privacy_tags(epsilon, config.federate.dp_delta, dp))
                     tracker.log_metrics(run_id, {"dp_epsilon": epsilon}, step=server_round)

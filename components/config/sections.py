@@ -30,7 +30,7 @@ from components.data.layout import DataConfig
 from components.learning.distill import DistillSettings
 from components.learning.train import TrainSettings
 from components.models.clip_backbone import TeacherSpec
-from components.models.students import ModelSpec, available_models
+from components.models.students import ModelSpec, available_models, data_derived_args
 
 __all__ = [
     "DEFAULT_PROFILE", "Config", "ConfigError", "DataConfig", "build_config",
@@ -55,8 +55,7 @@ class ModelConfig(Section):
         height, width = image_shape
         if height != width:
             raise ConfigError(f"square images expected, got {height}x{width}")
-        derived = {"num_classes": num_classes, "in_channels": 1, "image_size": height}
-        return ModelSpec(self.name, {**derived, **self.args})
+        return ModelSpec(self.name, {**data_derived_args(num_classes, height), **self.args})
 
 
 class TrainConfig(Section):

@@ -61,11 +61,10 @@ def client_models(params_path: Path, profile: str, config: DataConfig, raw: RawD
     if protocol not in PER_CLIENT_MODELS or not section.get("architectures"):
         return None
     from components.federation.hetero.profiles import ClientProfiles
-    from components.models.students import ModelSpec
+    from components.models.students import ModelSpec, data_derived_args
 
     ids = client_ids(config.num_clients)
-    size = int(raw.train.images.shape[-1])
-    derived = ModelSpec("derived", {"num_classes": raw.num_classes, "in_channels": 1, "image_size": size})
+    derived = ModelSpec("derived", data_derived_args(raw.num_classes, raw.train.images.shape[-1]))
     return ClientProfiles.from_params(section, ids).resolved(derived).client_records(ids)
 
 

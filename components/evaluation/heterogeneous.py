@@ -59,7 +59,7 @@ from components.learning.distill import DistillSettings, distill, teacher_logits
 from components.learning.train import TrainSettings, evaluate, torch_threads, train_client
 from components.lineage.history import UpdateHistory
 from components.lineage.store import LocalStore
-from components.models.students import ModelSpec, init_model
+from components.models.students import ModelSpec, data_derived_args, init_model
 from components.unlearning.forget import forget_client
 
 METHODS = ("local-only", "fedavg-single", "ensemble-distillation", "shared-base")
@@ -291,8 +291,7 @@ def run_seed(
         root = Path(workdir) / f"seed-{seed}" / f"alpha-{alpha}"
         prepare_data(replace(settings.data, alpha=alpha, seed=settings.data.seed + seed), root / "data", raw)
         fed = FederationData(root / "data" / "federation")
-        derived = ModelSpec("derived", {"num_classes": len(fed.meta["class_names"]), "in_channels": 1,
-                                        "image_size": int(fed.meta["image_shape"][0])})  # fmt: skip
+        derived = ModelSpec("derived", data_derived_args(len(fed.meta["class_names"]), fed.meta["image_shape"][0]))
         point = _Point(settings, root, seed, {c: fed.client(c) for c in fed.client_ids()},
                        {c: fed.holdout(c) for c in fed.client_ids()}, fed.test(), derived,
                        UpdateHistory(LocalStore(root / "store")))  # fmt: skip

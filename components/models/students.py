@@ -61,6 +61,11 @@ class ModelSpec:
         return cls(name=str(data["name"]), args=dict(data.get("args", {})))
 
 
+def data_derived_args(num_classes: int, image_size: int) -> dict[str, int]:
+    """The model arguments the data decides (grayscale, square images): merged under a spec's own args."""
+    return {"num_classes": int(num_classes), "in_channels": 1, "image_size": int(image_size)}
+
+
 def build_model(spec: ModelSpec) -> nn.Module:
     """Instantiate the model described by ``spec`` (random initialisation)."""
     if spec.name not in _REGISTRY:

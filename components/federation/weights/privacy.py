@@ -188,6 +188,15 @@ class PrivacyAccountant:
         return float(self._accountant.get_epsilon(delta))
 
 
+def sampling_rate(local: bool, participants: int, num_clients: int) -> float:
+    """A noised round's sampling rate: participants over clients (central), 1 under local DP.
+
+    Local DP: each upload is a Gaussian mechanism the server sees as is (no amplification by sampling: it
+    knows who took part), so epsilon is that of a client that took part in every round.
+    """
+    return 1.0 if local else min(1.0, participants / max(1, num_clients))
+
+
 def lineage_accountant(history: Any, manifest_ref: Any, num_clients: int) -> PrivacyAccountant:
     """The accountant after every noised round in the lineage ending at ``manifest_ref`` (oldest first).
 
@@ -203,12 +212,10 @@ def lineage_accountant(history: Any, manifest_ref: Any, num_clients: int) -> Pri
         protocol = getattr(manifest, "protocol", None) or {}
         strategy = protocol.get("strategy") or {}
         if strategy.get("name") == "dp-server" and float(strategy.get("noise_multiplier", 0)) > 0:
-            rate = min(1.0, len(manifest.client_ids) / max(1, num_clients))
+            rate = sampling_rate(False, len(manifest.client_ids), num_clients)
             noised.append((float(strategy["noise_multiplier"]), rate))
         elif (protocol.get("local_dp") or {}).get("noise_multiplier", 0) > 0 and hasattr(manifest, "clients"):
-            # local DP: each upload is a Gaussian mechanism the server sees as is (no amplification by
-            # sampling: it knows who took part); a client that took part in every round bounds the rest
-            noised.append((float(protocol["local_dp"]["noise_multiplier"]), 1.0))
+            noised.append((float(protocol["local_dp"]["noise_multiplier"]), sampling_rate(True, 0, num_clients)))
         ref = manifest.parent
     accountant = PrivacyAccountant()
     for sigma, rate in reversed(noised):
