@@ -105,7 +105,7 @@ def prefect_harness() -> Iterator[None]:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """The whole infra/ stack (SeaweedFS, MLflow server, Prefect server), once per session."""
     stack = Stack.create(tmp_path_factory.mktemp("stack"))
-    stack.run("up")
+    stack.up()
     try:
         yield stack
     finally:

@@ -16,23 +16,46 @@ from typing import Any
 
 
 def free_ports(count: int) -> list[int]:
-    """Ports the kernel hands out now, with port + 10000 also free (gRPC offsets)."""
+    """Free ports below the kernel's ephemeral range, with port + 10000 also below it (gRPC offsets).
+
+    A port the kernel hands out for ``bind(("", 0))`` comes from the ephemeral range, which is also
+    where every outgoing connection takes its local port: in the seconds between choosing a port and
+    the server binding it, a client connection (MLflow, Prefect, S3 traffic) could take it. Ports
+    below that range are never given to outgoing connections, so only another listener can collide.
+    """
+    low = _ephemeral_low()
+    candidates = list(range(_PORT_FLOOR, low - 10003))
+    secrets.SystemRandom().shuffle(candidates)
     ports: list[int] = []
-    sockets = []
-    try:
-        while len(ports) < count:
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-            if port + 10000 > 65535 or port in ports:
-                s.close()
-                continue
-            sockets.append(s)
+    for port in candidates:
+        if len(ports) == count:
+            break
+        if _bindable(port) and _bindable(port + 10000):
             ports.append(port)
-    finally:
-        for s in sockets:
-            s.close()
+    if len(ports) < count:
+        raise RuntimeError(f"fewer than {count} free ports in {_PORT_FLOOR}..{low - 10004}")
     return ports
+
+
+_PORT_FLOOR = 10000
+
+
+def _ephemeral_low() -> int:
+    """The lowest port of the kernel's ephemeral range (32768 when it cannot be read)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+    return low if low - 10003 > _PORT_FLOOR + 1000 else 32768
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _infra_stack() -> Any:

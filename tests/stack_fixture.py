@@ -30,23 +30,21 @@ class Stack:
             fd = os.open(directory / "credentials.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as fh:
                 json.dump({k: credentials[k] for k in ("access_key", "secret_key")}, fh)
-        s3, mlflow, prefect, dask = free_ports(4)
-        while True:  # four consecutive internal ports (and their gRPC twins) for SeaweedFS
-            (base,) = free_ports(1)
-            if base + 10003 <= 65535 and all(
-                _free(p) for p in (base + 1, base + 2, base + 3, base + 10001, base + 10002, base + 10003)
-            ):
-                break
-        settings = {
-            "FEDFORGET_STACK_DIR": str(directory),
-            "FEDFORGET_STACK_ENV": str(directory / "stack.env"),
-            "FEDFORGET_STACK_S3_PORT": str(s3),
-            "FEDFORGET_STACK_MLFLOW_PORT": str(mlflow),
-            "FEDFORGET_STACK_PREFECT_PORT": str(prefect),
-            "FEDFORGET_STACK_SEAWEED_PORT": str(base),
-            "FEDFORGET_STACK_DASK_PORT": str(dask),
-        }
-        return cls(directory, directory / "stack.env", settings)
+        settings = {"FEDFORGET_STACK_DIR": str(directory), "FEDFORGET_STACK_ENV": str(directory / "stack.env")}
+        return cls(directory, directory / "stack.env", {**settings, **_ports()})
+
+    def up(self, attempts: int = 3) -> None:
+        """``stack.sh up``; when a chosen port was taken before its server bound it, stop what
+        started and try again on fresh ports (the ports come from below the ephemeral range, so
+        only another listener can take one, but a test must not fail CI on that race)."""
+        for attempt in range(attempts):
+            result = self.run("up", check=False)
+            if result.returncode == 0:
+                return
+            if "port(s) in use" not in result.stderr or attempt == attempts - 1:
+                raise RuntimeError(f"stack.sh up failed:\n{result.stdout}\n{result.stderr}")
+            self.run("down", check=False)
+            self.settings.update(_ports())
 
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "AWS_"))}
@@ -66,6 +64,24 @@ class Stack:
                 key, _, value = line[len("export ") :].partition("=")
                 values[key] = value
         return values
+
+
+def _ports() -> dict[str, str]:
+    """Free ports for every service; SeaweedFS's internal base needs base+1..3 and their gRPC twins."""
+    s3, mlflow, prefect, dask = free_ports(4)
+    while True:
+        (base,) = free_ports(1)
+        if base not in (s3, mlflow, prefect, dask) and all(
+            _free(p) for p in (base + 1, base + 2, base + 3, base + 10001, base + 10002, base + 10003)
+        ):
+            break
+    return {
+        "FEDFORGET_STACK_S3_PORT": str(s3),
+        "FEDFORGET_STACK_MLFLOW_PORT": str(mlflow),
+        "FEDFORGET_STACK_PREFECT_PORT": str(prefect),
+        "FEDFORGET_STACK_SEAWEED_PORT": str(base),
+        "FEDFORGET_STACK_DASK_PORT": str(dask),
+    }
 
 
 def _free(port: int) -> bool:

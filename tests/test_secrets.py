@@ -61,7 +61,7 @@ def secret_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Sta
     """A stack of its own whose SeaweedFS accepts only these distinctive credentials."""
     credentials = {"access_key": f"FFKEY-{uuid.uuid4().hex}", "secret_key": f"FFSECRET-{uuid.uuid4().hex}"}
     stack = Stack.create(tmp_path_factory.mktemp("secret-stack"), credentials=credentials)
-    stack.run("up")
+    stack.up()
     try:
         yield stack, credentials
     finally:
