@@ -8,6 +8,7 @@ from dataclasses import replace
 from components.data.datasets import load_digits_dataset
 from components.evaluation.heterogeneous import METHODS, ROW_FIELDS, HeterogeneousSettings, run_seed, summarise
 from components.learning.distill import DistillSettings
+from components.models.clip_backbone import TeacherSpec
 from flows.reports.heterogeneous import plot, render_markdown, targets
 
 ROW_KEYS = {"method", "alpha", "test_accuracy", "personalized_accuracy_mean", "personalized_accuracy_min",
@@ -28,6 +29,7 @@ def tiny() -> HeterogeneousSettings:
                      "wide-head": {"name": "cnn-mlp-head", "args": {**small["args"], "head_hidden": 16}}},
         ensemble=replace(quick.ensemble, epochs=1, forget_epochs=1),
         distill=DistillSettings(epochs=1),
+        teacher=TeacherSpec(epochs=3, patience=3, image_size=64),
         max_workers=2,
     )  # fmt: skip
 
@@ -60,5 +62,14 @@ def test_a_tiny_run_gives_every_row_finite_numbers_and_a_report(tmp_path):
     for f in summary["forgetting"]:
         assert all(math.isfinite(v["mean"]) for k, v in f.items() if isinstance(v, dict))
         assert f["retrain_seconds"]["mean"] > 0
+        assert f["recovery"] == "clip" and f["teacher_fit_seconds"]["mean"] > 0  # production's teacher recovered it
     assert "| Shared base + personal heads | 0.1 |" in markdown and "profile tiny" in markdown
+    assert "CLIP-Adapter teacher" in markdown
     assert len(result["targets"]) == 5 and all(p.stat().st_size > 5_000 for p in files)
+
+
+def test_an_unknown_recovery_is_refused_when_the_profile_is_built():
+    import pytest
+
+    with pytest.raises(ValueError, match="recovery must be one of clip, finetune, global-model, none"):
+        replace(HeterogeneousSettings.quick(), recovery="teacher")

@@ -108,6 +108,7 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         for f in result["forgetting"]:
             cells = [_cell(f[k], fmt) for k, (_, fmt) in FORGET_COLUMNS.items()]
             lines.append(f"| {f['method']} | {f['alpha']} | " + " | ".join(cells) + " |")
+        lines += ["", _recovery_line(result["forgetting"], cfg.get("recovery", "finetune"))]
     found = result.get("targets") or targets(result)
     lines += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
     lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'} |" for t in found]
@@ -115,6 +116,21 @@ def render_markdown(result: Mapping[str, Any]) -> str:
     if result.get("forgetting"):
         lines += ["![forgetting](heterogeneous_forgetting.png)", ""]
     return "\n".join(lines)
+
+
+def _recovery_line(forgetting: Sequence[Mapping[str, Any]], recovery: str) -> str:
+    """What recovered the model after the subtraction, and what its time includes."""
+    if recovery == "clip":
+        fits = [f["teacher_fit_seconds"]["mean"] for f in forgetting if f.get("teacher_fit_seconds")]
+        fit = f" (its cold fit, {sum(fits) / len(fits):.1f} s, is not counted)" if fits else ""
+        return ("Recovery: distillation from the CLIP-Adapter teacher fitted on the server's few-shot set, as "
+                "in production, where the teacher is fitted when a federation ends; the deletion's time is "
+                f"forget + teacher logits + distillation{fit}.")  # fmt: skip
+    return {
+        "finetune": "Recovery: fine-tuning on the server's few-shot labels (no teacher).",
+        "global-model": "Recovery: distillation from the pre-deletion model (a baseline: it saw the client).",
+        "none": "No recovery: the model right after the subtraction.",
+    }[recovery]
 
 
 def plot(result: Mapping[str, Any], folder: str | Path) -> list[Path]:
