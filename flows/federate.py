@@ -32,6 +32,9 @@ from components.core.state import StateDict
 from components.data.layout import SERVER_DIR, FederationData, dvc_dir_hash, read_public, read_split
 from components.data.staging import stage_shards
 from components.federation.client import evaluate_state
+from components.federation.fewshot.convergence import round_metrics
+from components.federation.fewshot.model import image_start
+from components.federation.fewshot.protocol import FewShotProtocol
 from components.federation.hetero.common import stage_images, stage_split
 from components.federation.hetero.ensemble import EnsembleDistillation
 from components.federation.hetero.shared_base import SharedBase
@@ -130,8 +133,9 @@ def federate(
 
 
 def build_protocol(
-    config: Config, data_dir: Path, store: Any, data_version: str, spec: ModelSpec, client_ids: list[str]
-) -> Protocol:
+    config: Config, data_dir: Path, store: Any, data_version: str, spec: ModelSpec, client_ids: list[str],
+    cache_dir: Path | None = None,
+) -> Protocol:  # fmt: skip
     """The method ``federate.protocol`` names, with its settings (soft-labels stages the public set D)."""
     name = config.federate.protocol
     if config.federate.strategy == "fltrust" and name != "weights":
@@ -141,6 +145,14 @@ def build_protocol(
         )
     if config.federate.local_dp() is not None and name != "weights":
         raise ConfigError(f"federate.dp_mode: local perturbs weight deltas; it runs with protocol weights, not {name}")
+    if name == "few-shot":  # each client fine-tunes in its device's mode; the tower is the teacher's
+        settings = config.federate.fewshot_settings()
+        devices = config.clients.client_devices(client_ids, settings.default_mode)
+        return FewShotProtocol(
+            config.teacher.spec(), settings.local, {c: d.mode for c, d in devices.items()}, settings.default_mode,
+            settings.track_gradients, str(cache_dir) if cache_dir else None,
+            devices={c: d.device for c, d in devices.items()},
+        )  # fmt: skip
     if name in ("ensemble-distillation", "shared-base"):
         profiles = config.clients.profiles(client_ids, spec)
         few_shot = read_split(data_dir / SERVER_DIR / "few_shot.safetensors")
@@ -210,11 +222,20 @@ def _federate(runtime: Runtime, config: Config, profile: str, fresh: bool, promo
     store = open_store(runtime.store)
     history = UpdateHistory(store)
     tracker = Tracker(runtime, config.registry)
-    protocol = build_protocol(config, runtime.data_dir(profile), store, data_version, spec, data.client_ids())
+    start: StateDict | None = None
+    if config.federate.protocol == "few-shot":  # the pretrained tower + adapter + text head, over images
+        spec, start = image_start(
+            config.teacher.spec(), meta["class_names"], config.federate.seed, config.federate.fewshot_settings().head_init
+        )  # fmt: skip
+    protocol = build_protocol(
+        config, runtime.data_dir(profile), store, data_version, spec, data.client_ids(), runtime.cache_dir / "fewshot"
+    )
     federation_id = new_federation_id()
     # Resume (and its lineage check) first: a refused source leaves everything as it was.
     resumed = (
-        None if fresh or not config.federate.resume else resume_head(tracker, history, spec, logger, protocol.name)
+        None
+        if fresh or not config.federate.resume
+        else resume_head(tracker, history, spec, logger, protocol.name, _version(config.federate.resume_from))
     )
     collected = collect_garbage_task(tracker, runtime.store)
     if collected["objects"]:
@@ -226,7 +247,7 @@ def _federate(runtime: Runtime, config: Config, profile: str, fresh: bool, promo
     in_threads = config.federate.task_runner == "threads"
     threads = max(1, (os.cpu_count() or 1) // config.federate.max_workers)
     if resumed is None:
-        initial = init_model(spec, seed=config.federate.seed).state_dict()
+        initial = start if start is not None else init_model(spec, seed=config.federate.seed).state_dict()
         head = history.write_initial(federation_id, initial, spec, config.federate.seed)
         base_state: StateDict = {k: v.detach().clone() for k, v in initial.items()}
         server_state: StateDict | None = None
@@ -370,6 +391,10 @@ def _federate(runtime: Runtime, config: Config, profile: str, fresh: bool, promo
     }
 
 
+def _version(number: int | None) -> str | None:
+    return None if number is None else str(number)
+
+
 def _timed(fn: Any, *args: Any) -> tuple[Any, float]:
     started = time.perf_counter()
     value = fn(*args)
@@ -421,7 +446,20 @@ def _round_row(
         "evaluate_s": evaluate_s,
         "register_s": register_s,
         "round_s": sum(timings.values()) + evaluate_s + register_s,
+        **_convergence(result),
     }
+
+
+def _convergence(result: RoundResult) -> dict[str, float]:
+    """A protocol's convergence record as metrics (few-shot: global and client loss and accuracy, update norm,
+    mean drift, gradient dissimilarity; each client's drift and update norm)."""
+    record = result.outcome.record.get("convergence")
+    if not record:
+        return {}
+    out = {f"convergence.{k}": v for k, v in round_metrics(record).items()}
+    for name in ("drift", "client_update_norms"):
+        out |= {f"{name}.{cid}": float(v) for cid, v in (record.get(name) or {}).items()}
+    return out
 
 
 def run_federate(

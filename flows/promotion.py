@@ -58,19 +58,26 @@ def collect_garbage_task(tracker: Tracker, store_url: str) -> dict[str, int]:
 
 
 def resume_head(
-    tracker: Tracker, history: UpdateHistory, spec: ModelSpec, logger: Any, protocol: str | None = None
-) -> tuple[LineageHead, VersionInfo] | None:
-    champion = tracker.alias()
-    if champion is None:
-        return None
-    ref = manifest_ref_from_tags(champion.tags)
+    tracker: Tracker, history: UpdateHistory, spec: ModelSpec, logger: Any, protocol: str | None = None,
+    version: str | None = None,
+) -> tuple[LineageHead, VersionInfo] | None:  # fmt: skip
+    """Where training continues: the champion (``None`` without one), or registered ``version`` when given
+    (``federate.resume_from``). Refused when its lineage holds a forgotten client or another model."""
     alias = tracker.registry.champion_alias
+    if version is None:
+        champion = tracker.alias()
+        if champion is None:
+            return None
+        advice = (f"The {alias} alias was moved to it (a rollback?): point {alias} at a version without them "
+                  "(the deletion's version or a later one), or start over with --fresh.")  # fmt: skip
+    else:
+        champion = tracker.version(version)
+        if champion is None:
+            raise ValueError(f"federate.resume_from: no version {version} of model {tracker.registry.model_name}")
+        advice = "Choose a version without them (the deletion's version or a later one), or start over with --fresh."
+    ref = manifest_ref_from_tags(champion.tags)
     try:
-        check_clean(
-            history, history.store, ref, champion.version, "resume training from",
-            f"The {alias} alias was moved to it (a rollback?): point {alias} at a version without them "
-            "(the deletion's version or a later one), or start over with --fresh.",
-        )  # fmt: skip
+        check_clean(history, history.store, ref, champion.version, "resume training from", advice)
     except TaintedLineageError as exc:
         logger.error("%s", exc)
         emit_tainted_event(tracker.registry.model_name, champion.version, exc.clients, alias)
@@ -78,16 +85,17 @@ def resume_head(
     manifest = history.read_manifest(ref)
     if manifest.model != spec:
         raise ValueError(
-            f"champion version {champion.version} is a {manifest.model.to_dict()} model but "
+            f"version {champion.version} is a {manifest.model.to_dict()} model but "
             f"params ask for {spec.to_dict()}; start over with --fresh"
         )
     recorded = str(manifest.protocol.get("name", "weights"))
     if protocol is not None and recorded != protocol:
         raise ValueError(
-            f"champion version {champion.version} was trained with the {recorded} protocol but params ask for "
+            f"version {champion.version} was trained with the {recorded} protocol but params ask for "
             f"{protocol}; start over with --fresh"
         )
-    logger.info("resuming from champion version %s (round %s)", champion.version, manifest.server_round)
+    what = "champion version" if version is None else "version"
+    logger.info("resuming from %s %s (round %s)", what, champion.version, manifest.server_round)
     return LineageHead.of(ref, manifest), champion
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,14 +162,16 @@ class Tracker:
         # Created here so the model's artifacts live with this experiment (the fluent API
         # would file it under the Default experiment, in ./mlruns of the caller's cwd).
         logged = self.client.create_logged_model(self.experiment_id, name=artifact_name, source_run_id=run_id)
-        info = mlflow.pytorch.log_model(
-            model,
-            name=artifact_name,
-            input_example=example,
-            pip_requirements=list(MODEL_PIP_REQUIREMENTS),
-            run_id=run_id,
-            model_id=logged.model_id,
-        )
+        with warnings.catch_warnings():  # pt2 packaging of constants (a few-shot model's frozen tower): harmless
+            warnings.filterwarnings("ignore", message="No complete tensor found in the group")
+            info = mlflow.pytorch.log_model(
+                model,
+                name=artifact_name,
+                input_example=example,
+                pip_requirements=list(MODEL_PIP_REQUIREMENTS),
+                run_id=run_id,
+                model_id=logged.model_id,
+            )
         self._ensure_registered_model()
         version = self.client.create_model_version(
             self.registry.model_name,

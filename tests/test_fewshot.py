@@ -343,3 +343,21 @@ def test_federated_logistic_regression_stays_under_a_fitted_c_over_t_curve():
 def test_rounds_to_plateau_is_the_first_round_near_the_best():
     assert rounds_to_plateau([0.2, 0.5, 0.795, 0.8, 0.7], tolerance=0.01) == 3
     assert rounds_to_plateau([float("nan"), float("nan")]) is None
+
+
+def test_device_profiles_assign_modes_by_group_then_round_robin_then_default():
+    from components.federation.fewshot.devices import assign_devices
+
+    devices = {"weak": {"mode": "linear-probe"}, "strong": {"mode": "full"}}
+    ids = ["client_00", "client_01", "client_02", "client_03"]
+    groups = [{"clients": ["client_03"], "device": "weak"}]
+    round_robin = assign_devices(devices, groups, "round-robin", ids, "meta")
+    assert {c: (d.device, d.mode) for c, d in round_robin.items()} == {
+        "client_00": ("weak", "linear-probe"), "client_01": ("strong", "full"),
+        "client_02": ("weak", "linear-probe"), "client_03": ("weak", "linear-probe"),
+    }  # fmt: skip
+    by_groups = assign_devices(devices, groups, "groups", ids, "meta")
+    assert by_groups["client_03"].mode == "linear-probe"
+    assert {by_groups[c].device for c in ids[:3]} == {"default"} and by_groups["client_00"].mode == "meta"
+    with pytest.raises(ValueError, match="needs a mode"):
+        assign_devices({"weak": {}}, [], "round-robin", ids, "full")

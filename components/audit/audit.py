@@ -329,9 +329,12 @@ def audit(
                     f"restored quality by distilling from version {manifest.source_version}, which still contained "
                     f"{manifest.forgotten_client}", ref.key))  # fmt: skip
         else:
+            modes, devices = manifest.protocol.get("modes") or {}, manifest.protocol.get("devices") or {}
             node.clients = [
                 {"client_id": c.client_id, "num_examples": c.num_examples, "weight": c.weight,
-                 "model": c.spec.to_dict() if c.spec is not None else None}  # heterogeneous clients: their own
+                 "model": c.spec.to_dict() if c.spec is not None else None,  # heterogeneous clients: their own
+                 **({"mode": modes[c.client_id], "device": devices.get(c.client_id)}  # few-shot: how it fine-tuned
+                    if c.client_id in modes else {})}
                 for c in manifest.clients
             ]  # fmt: skip
             strategy = (manifest.protocol.get("strategy") or {}).get("name")

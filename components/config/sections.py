@@ -82,12 +82,19 @@ class FederateConfig(Section):
     # soft labels on the public set D (data.public_size), grouped by similarity (grouping) per soft_labels
     # splitfed: the model cut after split_cut stages; clients send activations, the server returns their gradients
     # ensemble-distillation / shared-base: heterogeneous client models, declared in the clients section
-    protocol: Literal["weights", "soft-labels", "splitfed", "ensemble-distillation", "shared-base"] = "weights"
+    # few-shot: clients fine-tune the teacher's frozen tower + adapter + head in their device's mode
+    # (clients.devices), with the fewshot knobs below; the tower is the teacher section's
+    protocol: Literal["weights", "soft-labels", "splitfed", "ensemble-distillation", "shared-base", "few-shot"] = (
+        "weights"
+    )
     split_cut: int = Field(2, ge=1)
     ensemble: dict[str, Any] = Field(default_factory=dict)  # EnsembleSettings' knobs (temperature, epochs, ...)
     shared_base: dict[str, Any] = Field(default_factory=dict)  # SharedBaseSettings' knobs (head, server_epochs, ...)
     grouping: Literal["none", "similarity"] = "similarity"
     soft_labels: dict[str, Any] = Field(default_factory=dict)  # SoftLabelSettings' knobs (T, beta, epochs...)
+    # FewShotSettings' knobs: steps, lr, batch_size, meta_algorithm, meta_steps, inner_steps, inner_lr, meta_lr,
+    # adapt_steps, weight_decay, default_mode, head_init, track_gradients
+    fewshot: dict[str, Any] = Field(default_factory=dict)
     strategy: Literal["fedavg", "median", "trimmed-mean", "krum", "credit", "fltrust"] = "fedavg"
     strategy_args: dict[str, Any] = Field(default_factory=dict)
     # server-side DP around the strategy: clip each upload to dp_clipping_norm, add N(0, (sigma C / n)^2);
@@ -105,6 +112,9 @@ class FederateConfig(Section):
     client_timeout_s: float | None = Field(None, gt=0)
     seed: int = 0
     resume: bool = True
+    # continue from this registered version instead of the champion (any version whose lineage holds no
+    # forgotten client, e.g. a pretrained few-shot model to fine-tune again); null = the champion
+    resume_from: int | None = Field(None, ge=1)
     task_runner: Literal["threads", "processes", "dask"] = "threads"
     # dask: a scheduler's address (or FEDFORGET_DASK_ADDRESS); none: a LocalCluster of max_workers workers
     dask_address: str | None = None
@@ -124,7 +134,8 @@ class FederateConfig(Section):
             self.soft_label_settings()
         except TypeError as exc:
             raise ValueError(f"soft_labels: {exc}") from None
-        for name, build in (("ensemble", self.ensemble_settings), ("shared_base", self.shared_base_settings)):
+        for name, build in (("ensemble", self.ensemble_settings), ("shared_base", self.shared_base_settings),
+                            ("fewshot", self.fewshot_settings)):  # fmt: skip
             try:
                 build()
             except TypeError as exc:
@@ -146,6 +157,11 @@ class FederateConfig(Section):
         from components.federation.hetero.shared_base import SharedBaseSettings
 
         return SharedBaseSettings(**self.shared_base)
+
+    def fewshot_settings(self) -> Any:
+        from components.federation.fewshot.protocol import FewShotSettings
+
+        return FewShotSettings.from_params(self.fewshot)
 
     def soft_label_settings(self) -> Any:
         """The soft-label protocol's settings (``soft_labels`` over its defaults, ``grouping`` on top)."""
@@ -182,6 +198,23 @@ class ClientsConfig(Section):
     assign: Literal["groups", "round-robin"] = "round-robin"
     architectures: dict[str, dict[str, Any]] = Field(default_factory=dict)  # name -> {name, args, local_epochs}
     groups: list[dict[str, Any]] = Field(default_factory=list)  # [{clients: [ids or patterns], architecture}]
+    # few-shot: device profiles -> mode (linear-probe | full | meta), assigned like the architectures
+    devices: dict[str, dict[str, Any]] = Field(default_factory=dict)  # name -> {mode, description}
+    device_groups: list[dict[str, Any]] = Field(default_factory=list)  # [{clients: [ids or patterns], device}]
+    device_assign: Literal["groups", "round-robin"] = "round-robin"
+
+    @model_validator(mode="after")
+    def _devices_are_valid(self) -> ClientsConfig:
+        from components.federation.fewshot.devices import check_devices
+
+        check_devices(self.devices, self.device_groups, self.device_assign)
+        return self
+
+    def client_devices(self, client_ids: list[str], default_mode: str) -> dict[str, Any]:
+        """Each client's device profile and fine-tuning mode (few-shot protocol)."""
+        from components.federation.fewshot.devices import assign_devices
+
+        return assign_devices(self.devices, self.device_groups, self.device_assign, client_ids, default_mode)
 
     def profiles(self, client_ids: list[str], global_model: ModelSpec) -> Any:
         """The resolved profiles (data-derived sizes added); a clear error when none are declared."""

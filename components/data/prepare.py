@@ -49,7 +49,8 @@ def check(config: DataConfig, raw_dir: str | None = None) -> RawDataset:
 
 
 def client_models(params_path: Path, profile: str, config: DataConfig, raw: RawDataset) -> dict[str, Any] | None:
-    """Each client's model spec and budget from the ``clients`` section, for the protocols that use it.
+    """Each client's model spec and budget from the ``clients`` section, for the protocols that use it
+    (``few-shot``: each client's device profile and fine-tuning mode).
 
     ``None`` when ``federate.protocol`` trains one global architecture (``weights``, ``splitfed``) or no
     architecture is declared. The data-derived sizes (classes, channels, image size) come from the raw
@@ -57,7 +58,16 @@ def client_models(params_path: Path, profile: str, config: DataConfig, raw: RawD
     """
     sections = resolve_sections(read_params(params_path), profile)
     section = sections.get("clients") or {}
-    protocol = (sections.get("federate") or {}).get("protocol", "weights")
+    federate = sections.get("federate") or {}
+    protocol = federate.get("protocol", "weights")
+    if protocol == "few-shot":  # every client fine-tunes the same model, in its device's mode
+        from components.federation.fewshot.devices import assign_devices
+
+        default_mode = str((federate.get("fewshot") or {}).get("default_mode", "full"))
+        devices = assign_devices(section.get("devices") or {}, section.get("device_groups") or [],
+                                 str(section.get("device_assign", "round-robin")), client_ids(config.num_clients),
+                                 default_mode)  # fmt: skip
+        return {cid: {"device": d.device, "mode": d.mode} for cid, d in devices.items()}
     if protocol not in PER_CLIENT_MODELS or not section.get("architectures"):
         return None
     from components.federation.hetero.profiles import ClientProfiles

@@ -30,7 +30,7 @@ def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[.
 
 
 # Modules whose models register themselves on import (they import this module, so they load on first use).
-BUILTIN_MODEL_MODULES = ("components.models.heads",)
+BUILTIN_MODEL_MODULES = ("components.models.heads", "components.federation.fewshot.model")
 
 
 def _load_builtins() -> None:

@@ -47,7 +47,7 @@ def prepare_data(profile: str, use_dvc: bool = True, push: bool = True) -> dict[
     from components.config.runtime import Runtime
     from components.config.sections import load_config
     from components.data.layout import FEDERATION_DIR, SERVER_DIR, dvc_dir_hash
-    from components.data.prepare import check, prepare
+    from components.data.prepare import check, client_models, prepare
 
     runtime = Runtime.from_env()
     config = load_config(runtime.params_path, profile)  # every section, not just data
@@ -66,8 +66,8 @@ def prepare_data(profile: str, use_dvc: bool = True, push: bool = True) -> dict[
             pushed = _dvc(runtime.root, "push", *(["-r", remote] if remote else []), stage_name(profile))
             if pushed.returncode != 0:
                 raise UsageError(f"`dvc push` failed:\n{pushed.stderr.strip() or pushed.stdout.strip()}")
-    else:
-        prepare(config.data, out_dir, raw)
+    else:  # what the DVC stage runs, in process
+        prepare(config.data, out_dir, raw, client_models(runtime.params_path, profile, config.data, raw))
     meta = json.loads((out_dir / FEDERATION_DIR / "meta.json").read_text())
     return {
         "profile": profile,

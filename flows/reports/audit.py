@@ -97,7 +97,7 @@ def render_markdown(report: AuditReport, graph_file: str | None = "lineage.png")
             what = f"deletion of **{d['client_id']}** ({d['variant']}, teacher {d['teacher']})"
         else:
             what = ", ".join(
-                f"{c['client_id']} ({c['num_examples']}, {c['weight']:.3f}{_model(c.get('model'))})"
+                f"{c['client_id']} ({c['num_examples']}, {c['weight']:.3f}{_model(c.get('model'))}{_mode(c)})"
                 for c in node.clients
             )
         flag = (
@@ -203,6 +203,13 @@ def plot_lineage(report: AuditReport, path: str | Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _mode(client: dict[str, Any]) -> str:
+    """A few-shot client's fine-tuning mode and device profile (nothing for the other protocols)."""
+    if not client.get("mode"):
+        return ""
+    return f", {client['mode']}" + (f" on {client['device']}" if client.get("device") else "")
 
 
 def _model(spec: dict[str, Any] | None) -> str:

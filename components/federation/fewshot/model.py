@@ -18,13 +18,22 @@ initialisation.
 State keys fall into three **parameter groups**, named by their first
 component: ``projection`` (absent when the tower's projection is frozen),
 ``adapter`` and ``head``.
+
+Production registers, serves and evaluates the same model over images
+(``fewshot-clip-image``, :class:`FewShotImageModel`): the frozen tower runs
+inside ``forward``, its features cached per process by image, and the state is
+exactly the feature model's, so aggregation, forgetting and the archive do not
+see the difference. Clients train the feature model (:func:`feature_spec`) on
+cached features.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
@@ -39,6 +48,7 @@ from components.models.clip_teacher import ClipAdapter
 from components.models.students import ModelSpec, init_model, register_model
 
 MODEL_NAME = "fewshot-clip"
+IMAGE_MODEL_NAME = "fewshot-clip-image"
 GROUPS = ("projection", "adapter", "head")
 
 
@@ -176,3 +186,67 @@ def zero_shot_logits(backbone: ClipBackbone, features: torch.Tensor, class_names
     layer = _projection_layer(backbone)
     z = layer(features) if layer is not None else features
     return head_scale(backbone) * F.normalize(z, dim=-1) @ backbone.text_features(class_names).t()
+
+
+# --------------------------------------------------------------------------- over images (production)
+
+_FEATURES: OrderedDict[tuple[str, bytes], torch.Tensor] = OrderedDict()
+_FEATURES_LOCK = threading.Lock()
+FEATURE_CACHE_ROWS = 20_000  # per process, least recently used first out (serving sees unbounded inputs)
+
+
+def image_features(spec: TeacherSpec, inputs: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """The frozen tower's trunk features of model ``inputs`` (N x C x H x W), cached per image."""
+    backbone = shared_backbone(spec)
+    tower = json.dumps([asdict(spec), backbone.image_size], sort_keys=True)
+    flat = inputs.detach().float().reshape(len(inputs), -1).contiguous().numpy()
+    keys = [(tower, hashlib.blake2b(row.tobytes(), digest_size=16).digest()) for row in flat]
+    with _FEATURES_LOCK:
+        missing = [i for i, key in enumerate(keys) if key not in _FEATURES]
+    computed = backbone.image_features(inputs[missing], batch_size) if missing else None
+    rows: dict[int, torch.Tensor] = {i: computed[j] for j, i in enumerate(missing)} if computed is not None else {}
+    with _FEATURES_LOCK:
+        for i, key in enumerate(keys):
+            if i in rows:
+                _FEATURES[key] = rows[i]
+            else:
+                rows[i] = _FEATURES[key]
+            _FEATURES.move_to_end(key)
+        while len(_FEATURES) > FEATURE_CACHE_ROWS:
+            _FEATURES.popitem(last=False)
+    return torch.stack([rows[i] for i in range(len(keys))]) if keys else torch.zeros(0)
+
+
+@register_model(IMAGE_MODEL_NAME)
+class FewShotImageModel(FewShotModel):
+    """:class:`FewShotModel` over images: the frozen tower of ``teacher`` (a ``TeacherSpec`` as a dict)
+    computes the features in ``forward``; the state is the feature model's (the tower is not in it)."""
+
+    def __init__(self, teacher: dict[str, Any], **args: Any) -> None:
+        super().__init__(**args)
+        self.teacher = TeacherSpec(**teacher)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_exporting():  # MLflow's pt2 export: the tower is traced into the artifact
+            backbone = shared_backbone(self.teacher)
+            with torch.no_grad():
+                features = backbone._features(backbone.preprocess(inputs)).float()
+            return super().forward(features)
+        return super().forward(image_features(self.teacher, inputs))
+
+
+def feature_spec(spec: ModelSpec) -> ModelSpec:
+    """The model clients train on cached features: the image model without its tower."""
+    if spec.name == IMAGE_MODEL_NAME:
+        return ModelSpec(MODEL_NAME, {k: v for k, v in spec.args.items() if k != "teacher"})
+    if spec.name != MODEL_NAME:
+        raise ValueError(f"the few-shot protocol trains {MODEL_NAME} or {IMAGE_MODEL_NAME}, not {spec.name!r}")
+    return spec
+
+
+def image_start(
+    teacher: TeacherSpec, class_names: Sequence[str], seed: int, head_init: str = "text"
+) -> tuple[ModelSpec, StateDict]:
+    """Production's pretrained starting point over images: :func:`initial_model` on ``teacher``'s tower."""
+    spec, state = initial_model(shared_backbone(teacher), class_names, seed, head_init)
+    return ModelSpec(IMAGE_MODEL_NAME, {**spec.args, "teacher": asdict(teacher)}), state

@@ -23,12 +23,16 @@ belongs to no client. The client's personal state leaves the lineage's
 personal index with the deletion, and its objects are purged (both generic).
 Other meta clients' personal states were adapted from models that still
 held the client; each is replaced at that client's next round.
+
+The global model is ``fewshot-clip`` (over features: the benchmark) or
+``fewshot-clip-image`` (over images: production, where versions are
+registered, served and evaluated); clients train the feature model either way.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -41,7 +45,7 @@ from components.federation.client import NonFiniteUpdateError, load_shard
 from components.federation.fewshot.aggregation import aggregate_groups
 from components.federation.fewshot.convergence import convergence_record
 from components.federation.fewshot.features import FeatureSource, default_features
-from components.federation.fewshot.model import shared_backbone
+from components.federation.fewshot.model import feature_spec, shared_backbone
 from components.federation.fewshot.modes import (
     LocalSettings,
     adapt,
@@ -64,9 +68,36 @@ from components.lineage.history import UpdateHistory
 from components.lineage.manifests import Manifest
 from components.lineage.store import ObjectStore, open_store
 from components.models.clip_backbone import TeacherSpec
-from components.models.students import build_model
+from components.models.students import ModelSpec, build_model
 
 PROTOCOL_NAME = "few-shot"
+OWN_KNOBS = ("default_mode", "head_init", "track_gradients")
+
+
+@dataclass(frozen=True)
+class FewShotSettings:
+    """The ``federate.fewshot`` params: the clients' local fine-tuning and the protocol's own knobs.
+
+    ``default_mode``: the mode of a client no device profile names; ``head_init``: the starting
+    head (``text``: the zero-shot text classifier, ``zeros``); ``track_gradients``: clients upload
+    their full-batch gradient for the dissimilarity estimate.
+    """
+
+    local: LocalSettings = field(default_factory=LocalSettings)
+    default_mode: str = "full"
+    head_init: str = "text"
+    track_gradients: bool = True
+
+    def __post_init__(self) -> None:
+        check_mode(self.default_mode)
+        if self.head_init not in ("text", "zeros"):
+            raise ValueError(f"head_init must be text or zeros, got {self.head_init!r}")
+
+    @classmethod
+    def from_params(cls, knobs: Mapping[str, Any]) -> FewShotSettings:
+        """From the section's flat keys (``LocalSettings``' fields and the protocol's own)."""
+        own = {k: knobs[k] for k in OWN_KNOBS if k in knobs}
+        return cls(LocalSettings(**{k: v for k, v in knobs.items() if k not in OWN_KNOBS}), **own)
 
 
 class FewShotProtocol(Protocol):
@@ -88,6 +119,8 @@ class FewShotProtocol(Protocol):
         Where the frozen features are cached (in memory only when ``None``).
     features
         A feature source to use instead (e.g. a benchmark's bank); not recorded.
+    devices
+        Client id -> its device profile's name (recorded for the audit; ``modes`` decides).
     """
 
     name = PROTOCOL_NAME
@@ -101,6 +134,7 @@ class FewShotProtocol(Protocol):
         track_gradients: bool = True,
         cache_dir: str | None = None,
         features: FeatureSource | None = None,
+        devices: Mapping[str, str] | None = None,
     ) -> None:
         self.teacher = teacher or TeacherSpec()
         self.local = local or LocalSettings()
@@ -109,6 +143,7 @@ class FewShotProtocol(Protocol):
         self.track_gradients = track_gradients
         self.cache_dir = cache_dir
         self.features = features or default_features(cache_dir)
+        self.devices = dict(sorted((devices or {}).items()))
 
     def mode_of(self, client_id: str) -> str:
         return self.modes.get(client_id, self.default_mode)
@@ -125,7 +160,7 @@ class FewShotProtocol(Protocol):
         shard = load_shard(task)
         features = self.features.get(shared_backbone(self.teacher), shard)
         labels = shard.labels
-        model = build_model(task.model)
+        model = build_model(feature_spec(task.model))  # production's image model trains on cached features
         global_loss, global_accuracy = loss_and_accuracy(model, base, features, labels)
         result = local_train(mode, model, base, features, labels, self.local, torch.Generator().manual_seed(task.seed))
         train_loss, train_accuracy = loss_and_accuracy(model, base | result.params, features, labels)
@@ -210,6 +245,15 @@ class FewShotProtocol(Protocol):
             raise UnlearningError(f"the few-shot protocol forgets by subtraction only, not {variant!r}")
         return forget_by_running_sums(history, source, manifest, client_id, "subtract")
 
+    def served_model(self, history: UpdateHistory, manifest: Manifest, client_id: str) -> tuple[ModelSpec, StateDict]:
+        """A ``meta`` client serves its personal model (the initialisation adapted to its examples); the others
+        serve the global model."""
+        state = history.read_state(manifest.global_state)
+        ref = manifest.personal.get(client_id)
+        if ref is not None:
+            state = state | state_from_bytes(history.store.get_verified(ref))[0]
+        return manifest.model, state
+
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -219,6 +263,7 @@ class FewShotProtocol(Protocol):
             "default_mode": self.default_mode,
             "track_gradients": self.track_gradients,
             "cache_dir": self.cache_dir,
+            "devices": dict(self.devices),
         }
 
 
@@ -231,4 +276,5 @@ def _from_record(record: Mapping[str, Any]) -> Protocol:
         default_mode=str(record.get("default_mode", "full")),
         track_gradients=bool(record.get("track_gradients", True)),
         cache_dir=record.get("cache_dir"),
+        devices=record.get("devices") or {},
     )
