@@ -30,9 +30,10 @@ class AuditTargetError(ValueError):
 
 @task(name="verify-lineage", cache_policy=NO_CACHE)
 def verify_task(
-    store_url: str, version: str, tags: dict[str, str], index: dict[str, dict[str, str]], client: str | None
-) -> AuditReport:
-    return audit(open_store(store_url), version, tags, index, client)
+    store_url: str, version: str, tags: dict[str, str], index: dict[str, dict[str, str]], client: str | None,
+    model: str | None = None,
+) -> AuditReport:  # fmt: skip
+    return audit(open_store(store_url), version, tags, index, client, model)
 
 
 @task(name="render-report", cache_policy=NO_CACHE)
@@ -89,7 +90,7 @@ def audit_flow(
     if target is None:
         raise AuditTargetError(tracker.missing(what, registered_model_profiles(runtime.params_path)))
     index = {v.tags["manifest_key"]: {**v.tags, "_version": v.version} for v in versions if "manifest_key" in v.tags}
-    report = verify_task(runtime.store, target.version, dict(target.tags), index, client)
+    report = verify_task(runtime.store, target.version, dict(target.tags), index, client, tracker.registry.model_name)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     folder = out_dir or _fresh_folder(
         runtime.state_dir / "audits" / f"{config.registry.model_name}-v{target.version}-{stamp}"

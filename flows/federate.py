@@ -18,7 +18,6 @@ import secrets
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,24 +26,15 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run as current_flow_run
 
 from components.config.runtime import Runtime
-from components.config.sections import Config, ConfigError, load_config
+from components.config.sections import Config, load_config
 from components.core.state import StateDict
-from components.data.layout import SERVER_DIR, FederationData, dvc_dir_hash, read_public, read_split
+from components.data.layout import SERVER_DIR, FederationData, dvc_dir_hash
 from components.data.staging import stage_shards
 from components.federation.client import evaluate_state
 from components.federation.fewshot.convergence import round_metrics
-from components.federation.fewshot.model import image_start
 from components.federation.fewshot.protocol import FewShotProtocol
-from components.federation.hetero.common import stage_images, stage_split
-from components.federation.hetero.ensemble import EnsembleDistillation
-from components.federation.hetero.shared_base import SharedBase
-from components.federation.logits.client import stage_public
-from components.federation.logits.protocol import SoftLabels
-from components.federation.protocol import Protocol
 from components.federation.rounds import Federation, RoundResult, run_round
-from components.federation.split.protocol import SplitFed
 from components.federation.weights.privacy import lineage_accountant, sampling_rate
-from components.federation.weights.protocol import WeightAveraging
 from components.learning.train import torch_threads
 from components.lineage.history import UpdateHistory
 from components.lineage.manifests import Manifest
@@ -55,6 +45,7 @@ from components.models.students import ModelSpec, init_model
 from components.unlearning.tombstones import tombstoned_clients
 from flows.failpoints import failpoint
 from flows.locks import model_write_lock
+from flows.methods import build_protocol, starting_point
 from flows.progress import report_progress
 from flows.promotion import collect_garbage_task, resume_head
 from flows.promotion import promote as promote_version
@@ -132,86 +123,6 @@ def federate(
         return _federate(runtime, config, profile, fresh, promote)
 
 
-def build_protocol(
-    config: Config, data_dir: Path, store: Any, data_version: str, spec: ModelSpec, client_ids: list[str],
-    cache_dir: Path | None = None,
-) -> Protocol:  # fmt: skip
-    """The method ``federate.protocol`` names, with its settings (soft-labels stages the public set D)."""
-    name = config.federate.protocol
-    if config.federate.strategy == "fltrust" and name != "weights":
-        raise ConfigError(
-            f"federate.strategy: fltrust compares each update with the server's own update of the whole model; "
-            f"it runs with federate.protocol: weights, not {name}"
-        )
-    if config.federate.local_dp() is not None and name != "weights":
-        raise ConfigError(f"federate.dp_mode: local perturbs weight deltas; it runs with protocol weights, not {name}")
-    if name == "few-shot":  # each client fine-tunes in its device's mode; the tower is the teacher's
-        settings = config.federate.fewshot_settings()
-        devices = config.clients.client_devices(client_ids, settings.default_mode)
-        return FewShotProtocol(
-            config.teacher.spec(), settings.local, {c: d.mode for c, d in devices.items()}, settings.default_mode,
-            settings.track_gradients, str(cache_dir) if cache_dir else None,
-            devices={c: d.device for c, d in devices.items()},
-        )  # fmt: skip
-    if name in ("ensemble-distillation", "shared-base"):
-        profiles = config.clients.profiles(client_ids, spec)
-        few_shot = read_split(data_dir / SERVER_DIR / "few_shot.safetensors")
-        server_version = dvc_dir_hash(data_dir / SERVER_DIR)
-        if name == "shared-base":  # the global model is params' model; the clients' heads come from their profiles
-            check_shared_base(profiles, spec, config.federate.shared_base_settings())
-            server_set = stage_split(store, few_shot, server_version, "few-shot")
-            return SharedBase(profiles, spec, server_set, config.federate.weight_strategy(),
-                              config.federate.shared_base_settings(), config.federate.seed, config.train.settings())  # fmt: skip
-        # the server distils on the unlabeled public set D, or on the few-shot images when there is none
-        has_public = config.data.public_size > 0
-        images = read_public(data_dir) if has_public else few_shot.images
-        distill_set = stage_images(store, images, data_version if has_public else server_version,
-                                   "public" if has_public else "few-shot-images")  # fmt: skip
-        return EnsembleDistillation(
-            profiles, spec, distill_set, config.federate.ensemble_settings(), config.federate.seed
-        )
-    if name == "soft-labels":
-        public = stage_public(store, read_public(data_dir), data_version)
-        # clients keep their own models; with clients.architectures declared, each trains its profile's
-        architectures = None
-        if config.clients.architectures:
-            profiles = config.clients.profiles(client_ids, spec)
-            architectures = {cid: profiles.spec_for(cid) for cid in client_ids}
-        return SoftLabels(public, spec, config.federate.soft_label_settings(), architectures)
-    strategy = config.federate.weight_strategy(fltrust_update(config, data_dir, spec))
-    if config.federate.protocol == "splitfed":
-        return SplitFed(strategy, config.federate.split_cut, spec.name)
-    return WeightAveraging(strategy, config.history.update_dtype, config.federate.local_dp())
-
-
-def fltrust_update(config: Config, data_dir: Path, spec: ModelSpec) -> Any:
-    """FLTrust's server update from the server's few-shot set (``None`` for the other strategies)."""
-    if config.federate.strategy != "fltrust":
-        return None
-    from components.federation.weights.robust import fltrust_server_update
-
-    few_shot = read_split(data_dir / SERVER_DIR / "few_shot.safetensors")
-    return fltrust_server_update(spec, few_shot, config.train.settings(), config.federate.seed)
-
-
-def check_shared_base(profiles: Any, spec: ModelSpec, settings: Any) -> None:
-    """Refuse client architectures whose base (everything but the head) differs from the global model's."""
-    from components.models.students import build_model
-
-    def base_shapes(model_spec: ModelSpec) -> dict[str, tuple[int, ...]]:
-        base, _ = settings.split(build_model(model_spec).state_dict())
-        return {k: tuple(v.shape) for k, v in base.items()}
-
-    expected = base_shapes(spec)
-    for name in profiles.architectures:
-        if base_shapes(profiles.spec_of(name)) != expected:
-            raise ConfigError(
-                f"shared-base: architecture {name!r} ({profiles.spec_of(name).name}) has another base than the "
-                f"global model ({spec.name} {dict(spec.args)}); every clients.architectures entry must share "
-                f"model's layers outside the head {list(settings.head)}"
-            )
-
-
 def _federate(runtime: Runtime, config: Config, profile: str, fresh: bool, promote: str) -> dict[str, Any]:
     logger = get_run_logger()
     data = FederationData(runtime.data_dir(profile) / "federation")
@@ -222,11 +133,8 @@ def _federate(runtime: Runtime, config: Config, profile: str, fresh: bool, promo
     store = open_store(runtime.store)
     history = UpdateHistory(store)
     tracker = Tracker(runtime, config.registry)
-    start: StateDict | None = None
-    if config.federate.protocol == "few-shot":  # the pretrained tower + adapter + text head, over images
-        spec, start = image_start(
-            config.teacher.spec(), meta["class_names"], config.federate.seed, config.federate.fewshot_settings().head_init
-        )  # fmt: skip
+    # few-shot: the teacher's tower + adapter + text head, or a registered student (its clients recorded)
+    spec, start, origin = starting_point(runtime, config, history, spec, meta["class_names"])
     protocol = build_protocol(
         config, runtime.data_dir(profile), store, data_version, spec, data.client_ids(), runtime.cache_dir / "fewshot"
     )
@@ -237,6 +145,8 @@ def _federate(runtime: Runtime, config: Config, profile: str, fresh: bool, promo
         if fresh or not config.federate.resume
         else resume_head(tracker, history, spec, logger, protocol.name, _version(config.federate.resume_from))
     )
+    if isinstance(protocol, FewShotProtocol):  # where the lineage started travels with it, resumed or not
+        protocol.start = history.read_manifest(resumed[0].manifest).protocol.get("start") if resumed else origin
     collected = collect_garbage_task(tracker, runtime.store)
     if collected["objects"]:
         logger.warning(

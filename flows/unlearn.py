@@ -36,8 +36,6 @@ from components.lineage.history import UpdateHistory
 from components.lineage.manifests import Manifest, UnlearningManifest
 from components.lineage.store import open_store
 from components.lineage.tags import (
-    CONTAINS_TAG,
-    RETIRED_TAG,
     TEACHER_TAINT_TAG,
     manifest_ref_from_tags,
     unlearned_version_tags,
@@ -45,8 +43,7 @@ from components.lineage.tags import (
 )
 from components.models.students import ModelSpec, build_model
 from components.unlearning.forget import forget_client, new_request_id
-from components.unlearning.guard import check_clean, present_clients
-from components.unlearning.retire import delete_retired_states, read_retirement, tainted_states, write_retirement
+from components.unlearning.guard import check_clean, present_clients, start_clients
 from components.unlearning.tombstones import (
     delete_objects,
     list_client_objects,
@@ -57,6 +54,7 @@ from components.unlearning.tombstones import (
 from components.unlearning.verify import deletion_checks, model_from_state
 from flows.failpoints import failpoint
 from flows.locks import model_write_lock
+from flows.retire import derived_trackers, flag_versions_task, retire_task
 from flows.teacher import teacher_task
 from flows.tracking import Tracker, VersionInfo
 
@@ -117,55 +115,6 @@ def register_task(
     return version
 
 
-def tainted_versions(tracker: Tracker, history: UpdateHistory, client_id: str, skip: str | None) -> list[VersionInfo]:
-    """Registered versions whose lineage (replayed from the manifests) still holds the client."""
-    found = []
-    for version in tracker.versions():
-        if version.version == skip or "manifest_key" not in version.tags:
-            continue
-        try:
-            present = present_clients(history, manifest_ref_from_tags(version.tags))
-        except Exception:  # a broken reference is the audit's finding, not a reason to stop
-            continue
-        if client_id in present:
-            found.append(version)
-    return found
-
-
-@task(name="flag-versions", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
-def flag_versions_task(tracker: Tracker, store_url: str, client_id: str, skip: str) -> list[str]:
-    """Tag every version whose lineage still contains the client."""
-    flagged = []
-    for version in tainted_versions(tracker, UpdateHistory(open_store(store_url)), client_id, skip):
-        present = set(filter(None, version.tags.get(CONTAINS_TAG, "").split(",")))
-        tracker.set_version_tag(version.version, CONTAINS_TAG, ",".join(sorted(present | {client_id})))
-        flagged.append(version.version)
-    return flagged
-
-
-@task(name="retire-tainted", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=2)
-def retire_task(tracker: Tracker, store_url: str, client_id: str, request_id: str, mode: str, skip: str) -> list[str]:
-    """``delete-weights``: delete the weights of every version that still holds the client (idempotent)."""
-    if mode != "delete-weights":
-        return []
-    store = open_store(store_url)
-    history = UpdateHistory(store)
-    record = read_retirement(store, request_id)
-    if record is None:  # the record first, then the deletes: a crash in between is finished by the next run
-        versions = tainted_versions(tracker, history, client_id, skip)
-        states = tainted_states(history, [manifest_ref_from_tags(v.tags) for v in versions], client_id)
-        record = write_retirement(
-            store, request_id=request_id, client_id=client_id, versions=[v.version for v in versions], states=states
-        )
-    delete_retired_states(store, record)
-    for version in record["versions"]:
-        tracker.retire_weights(version)
-        tracker.set_version_tag(
-            version, RETIRED_TAG, f"weights deleted: its lineage holds {client_id}, forgotten by request {request_id}"
-        )
-    return list(record["versions"])
-
-
 @task(name="tombstone-and-purge", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=2)
 def tombstone_task(
     store_url: str, client_id: str, request_id: str, source_version: str, resulting_version: str,
@@ -207,6 +156,11 @@ def _finalise(
         version.version, version.tags["forgetting_variant"], manifest_ref_from_tags(version.tags), reason,
     )  # fmt: skip
     retired = retire_task(tracker, store_url, client_id, request_id, retire, version.version)
+    # Models derived from this one (a few-shot federation started from its student) hold the client too.
+    for other in derived_trackers(tracker):
+        name = other.registry.model_name
+        flagged += [f"{name}/{v}" for v in flag_versions_task(other, store_url, client_id, "")]
+        retired += [f"{name}/{v}" for v in retire_task(other, store_url, client_id, request_id, retire, "", True)]
     return {"flagged_versions": flagged, "retired_versions": retired, **done}
 
 
@@ -294,6 +248,14 @@ def _unlearn(
     if client_id not in present_clients(history, source_ref):  # any protocol's index, not only running sums
         raise UnlearningError(
             f"client {client_id} never contributed to version {source.version} (or its lineage); nothing changed"
+        )
+    if client_id in start_clients(source_manifest):  # baked into the starting point: no subtraction reaches it
+        start = source_manifest.protocol["start"]
+        raise UnlearningError(
+            f"client {client_id} is in version {source.version} through its starting point, version "
+            f"{start.get('version')} of model {start.get('model')}, which no deletion here can take out; nothing "
+            f"changed. Forget it there (fedforget unlearn --client {client_id} on that model's profile), then start "
+            "the few-shot federation again from a version without it (federate.fewshot.student_version) with --fresh."
         )
     validated = time.perf_counter()
 

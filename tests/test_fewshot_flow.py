@@ -118,3 +118,48 @@ def test_device_profiles_are_checked_when_params_load(tiny_project):
             "clients.devices": DEVICES, "clients.device_groups": [{"clients": ["client_0*"], "device": "tiny"}]})  # fmt: skip
     with pytest.raises(ConfigError, match="fewshot"):
         load_config(runtime.params_path, overrides={"federate.fewshot": {"stepz": 3}})
+
+
+def test_a_registered_student_starts_a_few_shot_federation_and_its_clients_stay_in_every_derived_model(tiny_project):
+    from components.unlearning.guard import TaintedLineageError, forgotten_in, present_clients
+    from flows.cli import app
+    from flows.federate import run_federate
+    from flows.tracking import Tracker
+
+    run_federate(project=str(tiny_project), rounds=1)  # the student, pre-trained by federation: tiny version 1
+    derived = {
+        **FEWSHOT,
+        "federate.fewshot": {**FEWSHOT["federate.fewshot"], "start": "student", "student_version": 1,
+                             "student_model": "tiny"},
+        "registry.model_name": "tiny-fewshot", "registry.experiment": "tiny-fewshot",
+    }  # fmt: skip
+    summary = run_federate(project=str(tiny_project), rounds=1, overrides=derived)
+    runtime = Runtime.from_env(tiny_project)
+    tracker = Tracker(runtime, load_config(runtime.params_path, overrides=derived).registry)
+    student_tracker, history = _tools(tiny_project)
+    ref = manifest_ref_from_tags(tracker.version(summary["final_version"]).tags)
+    manifest = history.read_manifest(ref)
+    assert manifest.model.name == "fewshot-student"
+    start = manifest.protocol["start"]
+    assert (start["model"], start["version"]) == ("tiny", "1")
+    assert start["clients"] == ["client_00", "client_01", "client_02"]
+    # round 1 started from the student's own weights: its classifier is the head, the rest the body
+    student = history.read_manifest(manifest_ref_from_tags(student_tracker.version("1").tags))
+    student_state, initial = history.read_state(student.global_state), history.read_state(manifest.base)
+    assert torch.equal(initial["head.weight"], student_state["fc2.weight"])
+    assert torch.equal(initial["body.conv1.weight"], student_state["conv1.weight"])
+    # the weak client's probe moved the head only
+    probe = history.read_state(next(c for c in manifest.clients if c.client_id == "client_00").update)
+    assert all(torch.count_nonzero(v) == 0 for k, v in probe.items() if k.startswith("body."))
+    # a pretraining client is in the derived model through its start: no deletion here can take it out
+    refused = runner.invoke(app, ["unlearn", "--client", "client_01", *_sets(derived)])
+    assert refused.exit_code == 2 and "starting point" in refused.output, refused.output
+    # forgotten from the student's model, it taints every derived version: none is trained from again
+    out = runner.invoke(app, ["unlearn", "--client", "client_01", "--json"])
+    assert out.exit_code == 0, out.output
+    assert "client_01" in present_clients(history, ref) and forgotten_in(history, history.store, ref) == ["client_01"]
+    assert "tiny-fewshot/1" in out.output  # the derived model's version is flagged and its weights retired
+    tags = tracker.version(summary["final_version"]).tags
+    assert tags["contains_forgotten_clients"] == "client_01" and "weights deleted" in tags["retired"]
+    with pytest.raises(TaintedLineageError, match="client_01"):
+        run_federate(project=str(tiny_project), rounds=1, overrides=derived)

@@ -28,6 +28,7 @@ from components.lineage.manifests import Manifest, RoundManifest, UnlearningMani
 from components.lineage.retention import dropped_objects
 from components.lineage.store import ObjectNotFound, ObjectStore, StoreError
 from components.lineage.tags import expected_version_tags
+from components.unlearning.guard import start_clients
 from components.unlearning.retire import read_retirements
 from components.unlearning.tombstones import read_tombstone, tombstoned_clients
 
@@ -266,18 +267,22 @@ def audit(
     tags: Mapping[str, str],
     versions_by_manifest: Mapping[str, Mapping[str, str]],
     client: str | None = None,
+    model: str | None = None,
 ) -> AuditReport:
     """Audit ``version`` (its registry ``tags``) against the archive in ``store``.
 
     ``versions_by_manifest`` maps each registered version's ``manifest_key`` to
-    its tags (plus ``_version``), so manifests can be named by version.
+    its tags (plus ``_version``), so manifests can be named by version; ``model``
+    is the registered model's name (retirement records name theirs).
     """
     tombstones = read_tombstones(store)
     retirements = read_retirements(store)
     auditor = _Auditor(store, versions_by_manifest, tombstones, retirements)
     kind = tags.get("kind", "?")
     key, sha = tags.get("manifest_key"), tags.get("manifest_sha256")
-    retired = sorted({v for r in retirements for v in r.get("versions", [])}, key=int)
+    # versions of this registered model (``model``: None reads every record; unnamed, older records count as its)
+    mine = [r for r in retirements if model is None or r.get("model") in (None, model)]
+    retired = sorted({v for r in mine for v in r.get("versions", [])}, key=int)
     report = AuditReport(version, kind, key or "", [], [], auditor.findings, sorted(tombstones), retired, client)
     if not key or not sha:
         auditor.findings.append(Finding("tag_mismatch", f"version {version} has no manifest_key/manifest_sha256 tag"))
@@ -345,15 +350,16 @@ def audit(
     # What each model contains, from the oldest step up: a round adds its
     # participants, a deletion removes its client from everything before it.
     present: set[str] = set()
+    started = set().union(*(start_clients(m) for _, m in chain))  # a registered starting point's clients
     for node in reversed(nodes):
         if node.deletion:
             present.discard(node.deletion["client_id"])
-        present |= {c["client_id"] for c in node.clients}
+        present |= {c["client_id"] for c in node.clients} | started
         node.present_clients = sorted(present)
         node.contains_forgotten_clients = sorted(present & set(tombstones))
 
     if chain and (chain[0][1].sums or chain[0][1].protocol.get("name") == "weights"):
-        index = set(chain[0][1].sums)
+        index = set(chain[0][1].sums) | started
         if index != present:
             auditor.findings.append(Finding(
                 "index_mismatch", f"the running-sum index of version {version} lists {sorted(index)}, "

@@ -65,7 +65,8 @@ def present_clients(history: UpdateHistory, manifest_ref: ObjectRef) -> frozense
 
     Replays the lineage oldest first: a round adds its participants, a deletion
     removes its client. The head manifest's running-sum index is added on top,
-    so a client either record names counts as present. Every manifest read is
+    so a client either record names counts as present, and so are the clients
+    of a registered starting point (:func:`start_clients`). Every manifest read is
     hash-checked; the walk stops at the first ancestor already cached, so it
     costs at most one read per step of the lineage, once per version.
     """
@@ -88,9 +89,15 @@ def present_clients(history: UpdateHistory, manifest_ref: ObjectRef) -> frozense
             replayed = set(present) - {manifest.forgotten_client}
         else:
             replayed = set(present) | set(manifest.client_ids)
-        present = frozenset(replayed | set(manifest.sums))
+        present = frozenset(replayed | set(manifest.sums) | start_clients(manifest))
         _PRESENT.put(ref.sha256, present)
     return present
+
+
+def start_clients(manifest: Manifest) -> set[str]:
+    """Clients in a model through its starting point: a registered student a few-shot federation started
+    from holds its pretraining clients, and no deletion in the derived lineage can take them out."""
+    return {str(c) for c in (manifest.protocol.get("start") or {}).get("clients") or []}
 
 
 def forgotten_in(history: UpdateHistory, store: ObjectStore, manifest_ref: ObjectRef) -> list[str]:

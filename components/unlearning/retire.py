@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
+from components.core.ids import validate_id
 from components.core.refs import ObjectRef
 from components.lineage.history import UpdateHistory
 from components.lineage.manifests import Manifest, RoundManifest
@@ -30,8 +31,11 @@ RETIREMENT_SCHEMA = "fedforget/retirement@1"
 RETIRE_MODES = ("tag", "delete-weights")
 
 
-def retirement_key(request_id: str) -> str:
-    return f"retirements/{request_id}.json"
+def retirement_key(request_id: str, model: str | None = None) -> str:
+    """Where a deletion's retirement record lives: one per registered model whose versions it retires (the
+    deleting model's under the request id; a model derived from it, e.g. a few-shot federation started
+    from its student, under ``<request id>.<model>``)."""
+    return f"retirements/{request_id}.json" if model is None else f"retirements/{request_id}.{validate_id(model)}.json"
 
 
 def produced_states(manifest: Manifest) -> list[tuple[str, ObjectRef]]:
@@ -64,28 +68,33 @@ def tainted_states(history: UpdateHistory, heads: Iterable[ObjectRef], client_id
 
 
 def write_retirement(
-    store: ObjectStore, *, request_id: str, client_id: str, versions: list[str], states: list[tuple[str, ObjectRef]]
-) -> dict[str, Any]:
-    """Record what will be deleted (write-once: an existing record is kept and returned)."""
-    existing = read_retirement(store, request_id)
+    store: ObjectStore, *, request_id: str, client_id: str, versions: list[str], states: list[tuple[str, ObjectRef]],
+    model: str | None = None, derived: bool = False,
+) -> dict[str, Any]:  # fmt: skip
+    """Record what will be deleted (write-once: an existing record is kept and returned); ``model`` names the
+    registered model whose ``versions`` these are, ``derived`` that it is not the deleting one."""
+    existing = read_retirement(store, request_id, model if derived else None)
     if existing is not None:
         return existing
     record = {
         "schema": RETIREMENT_SCHEMA,
         "request_id": request_id,
+        "model": model,
         "client_id": client_id,
         "time": datetime.now(UTC).isoformat(timespec="seconds"),
         "versions": sorted(versions, key=int),
         "states": [{"what": what, **ref.to_dict()} for what, ref in states],
     }
     store.put(
-        retirement_key(request_id), (json.dumps(record, indent=2, sort_keys=True) + "\n").encode(), overwrite=False
+        retirement_key(request_id, model if derived else None),
+        (json.dumps(record, indent=2, sort_keys=True) + "\n").encode(),
+        overwrite=False,
     )
     return record
 
 
-def read_retirement(store: ObjectStore, request_id: str) -> dict[str, Any] | None:
-    key = retirement_key(request_id)
+def read_retirement(store: ObjectStore, request_id: str, model: str | None = None) -> dict[str, Any] | None:
+    key = retirement_key(request_id, model)
     return json.loads(store.get(key)) if store.exists(key) else None
 
 

@@ -15,9 +15,12 @@ teacher's zero-shot text classifier, and the head's learning rate means the
 same as for a cosine classifier. The adapter starts from its own seeded
 initialisation.
 
-State keys fall into three **parameter groups**, named by their first
+State keys fall into **parameter groups**, named by their first
 component: ``projection`` (absent when the tower's projection is frozen),
-``adapter`` and ``head``.
+``adapter`` and ``head``; a registered student as the starting point
+(``fewshot-student``, :func:`student_start`) has ``body`` (its layers below
+the classifier, trained by ``full`` and ``meta``) and ``head`` (its last
+linear layer).
 
 Production registers, serves and evaluates the same model over images
 (``fewshot-clip-image``, :class:`FewShotImageModel`): the frozen tower runs
@@ -45,11 +48,12 @@ from torch.nn import functional as F
 from components.core.state import StateDict, clone_state
 from components.models.clip_backbone import ClipBackbone, TeacherError, TeacherSpec, build_backbone
 from components.models.clip_teacher import ClipAdapter
-from components.models.students import ModelSpec, init_model, register_model
+from components.models.students import ModelSpec, build_model, init_model, register_model
 
 MODEL_NAME = "fewshot-clip"
 IMAGE_MODEL_NAME = "fewshot-clip-image"
-GROUPS = ("projection", "adapter", "head")
+STUDENT_MODEL_NAME = "fewshot-student"
+GROUPS = ("projection", "adapter", "head", "body")  # body: a registered student's layers below its classifier
 
 
 def group_of(key: str) -> str:
@@ -236,11 +240,16 @@ class FewShotImageModel(FewShotModel):
 
 
 def feature_spec(spec: ModelSpec) -> ModelSpec:
-    """The model clients train on cached features: the image model without its tower."""
+    """The model clients train on cached features: the image model without its tower (a student: itself,
+    on images)."""
     if spec.name == IMAGE_MODEL_NAME:
         return ModelSpec(MODEL_NAME, {k: v for k, v in spec.args.items() if k != "teacher"})
+    if spec.name == STUDENT_MODEL_NAME:
+        return spec
     if spec.name != MODEL_NAME:
-        raise ValueError(f"the few-shot protocol trains {MODEL_NAME} or {IMAGE_MODEL_NAME}, not {spec.name!r}")
+        raise ValueError(
+            f"the few-shot protocol trains {MODEL_NAME}, {IMAGE_MODEL_NAME} or {STUDENT_MODEL_NAME}, not {spec.name!r}"
+        )
     return spec
 
 
@@ -250,3 +259,52 @@ def image_start(
     """Production's pretrained starting point over images: :func:`initial_model` on ``teacher``'s tower."""
     spec, state = initial_model(shared_backbone(teacher), class_names, seed, head_init)
     return ModelSpec(IMAGE_MODEL_NAME, {**spec.args, "teacher": asdict(teacher)}), state
+
+
+# --------------------------------------------------------------------------- a registered student as the start
+
+
+def _last_linear(model: nn.Module) -> str:
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no linear layer to serve as the few-shot head")
+    return names[-1]
+
+
+@register_model(STUDENT_MODEL_NAME)
+class FewShotStudent(nn.Module):
+    """A registered student fine-tuned few-shot: ``body`` is the student with its last linear layer (its
+    classifier, applied last by every registry model) replaced by the identity, ``head`` that layer."""
+
+    scale = 1.0
+
+    def __init__(self, student: dict[str, Any]) -> None:
+        super().__init__()
+        body = build_model(ModelSpec.from_dict(student))
+        name = _last_linear(body)
+        layer = body.get_submodule(name)
+        self.head = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+        parent, _, leaf = name.rpartition(".")
+        setattr(body.get_submodule(parent) if parent else body, leaf, nn.Identity())
+        self.body = body
+
+    def embed(self, inputs: torch.Tensor) -> torch.Tensor:
+        """What the head sees (a linear probe trains the head on it, computed once per round)."""
+        return self.body(inputs)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(inputs))
+
+
+def student_start(spec: ModelSpec, state: StateDict) -> tuple[ModelSpec, StateDict]:
+    """A registered student's spec and state as the few-shot starting point (``fewshot-student``): its
+    classifier's keys become ``head.*``, every other key ``body.*``; the model computes what the student did."""
+    name = _last_linear(build_model(spec))
+    renamed = {
+        (f"head.{key[len(name) + 1 :]}" if key.startswith(f"{name}.") else f"body.{key}"): value.detach().clone()
+        for key, value in state.items()
+    }
+    wrapped = ModelSpec(STUDENT_MODEL_NAME, {"student": spec.to_dict()})
+    model = build_model(wrapped)
+    model.load_state_dict(renamed)  # refuses a state that does not fit the student
+    return wrapped, clone_state(model.state_dict())

@@ -45,7 +45,7 @@ from components.federation.client import NonFiniteUpdateError, load_shard
 from components.federation.fewshot.aggregation import aggregate_groups
 from components.federation.fewshot.convergence import convergence_record
 from components.federation.fewshot.features import FeatureSource, default_features
-from components.federation.fewshot.model import feature_spec, shared_backbone
+from components.federation.fewshot.model import STUDENT_MODEL_NAME, feature_spec, shared_backbone
 from components.federation.fewshot.modes import (
     LocalSettings,
     adapt,
@@ -71,7 +71,7 @@ from components.models.clip_backbone import TeacherSpec
 from components.models.students import ModelSpec, build_model
 
 PROTOCOL_NAME = "few-shot"
-OWN_KNOBS = ("default_mode", "head_init", "track_gradients")
+OWN_KNOBS = ("default_mode", "head_init", "track_gradients", "start", "student_model", "student_version")
 
 
 @dataclass(frozen=True)
@@ -87,11 +87,18 @@ class FewShotSettings:
     default_mode: str = "full"
     head_init: str = "text"
     track_gradients: bool = True
+    start: str = "tower"  # tower: the teacher's frozen tower + adapter + head | student: a registered student
+    student_model: str | None = None  # start student: its registered model (null: the profile's registry model)
+    student_version: int | None = None  # start student: its version
 
     def __post_init__(self) -> None:
         check_mode(self.default_mode)
         if self.head_init not in ("text", "zeros"):
             raise ValueError(f"head_init must be text or zeros, got {self.head_init!r}")
+        if self.start not in ("tower", "student"):
+            raise ValueError(f"start must be tower or student, got {self.start!r}")
+        if self.start == "student" and (not isinstance(self.student_version, int) or self.student_version < 1):
+            raise ValueError("start: student needs student_version, the registered version to fine-tune")
 
     @classmethod
     def from_params(cls, knobs: Mapping[str, Any]) -> FewShotSettings:
@@ -121,6 +128,10 @@ class FewShotProtocol(Protocol):
         A feature source to use instead (e.g. a benchmark's bank); not recorded.
     devices
         Client id -> its device profile's name (recorded for the audit; ``modes`` decides).
+    start
+        Where a federation started from a registered student: ``{"model", "version", "manifest",
+        "clients"}``, recorded in every manifest so that the pretraining clients count as present in
+        every model derived from it (``None``: the teacher's tower, which holds no client).
     """
 
     name = PROTOCOL_NAME
@@ -135,6 +146,7 @@ class FewShotProtocol(Protocol):
         cache_dir: str | None = None,
         features: FeatureSource | None = None,
         devices: Mapping[str, str] | None = None,
+        start: Mapping[str, Any] | None = None,
     ) -> None:
         self.teacher = teacher or TeacherSpec()
         self.local = local or LocalSettings()
@@ -144,6 +156,7 @@ class FewShotProtocol(Protocol):
         self.cache_dir = cache_dir
         self.features = features or default_features(cache_dir)
         self.devices = dict(sorted((devices or {}).items()))
+        self.start = dict(start) if start else None
 
     def mode_of(self, client_id: str) -> str:
         return self.modes.get(client_id, self.default_mode)
@@ -158,7 +171,10 @@ class FewShotProtocol(Protocol):
         store = open_store(task.store_url)
         base = state_from_bytes(store.get_verified(task.base))[0]
         shard = load_shard(task)
-        features = self.features.get(shared_backbone(self.teacher), shard)
+        if task.model.name == STUDENT_MODEL_NAME:  # a registered student fine-tunes on the images themselves
+            features = shard.inputs()
+        else:
+            features = self.features.get(shared_backbone(self.teacher), shard)
         labels = shard.labels
         model = build_model(feature_spec(task.model))  # production's image model trains on cached features
         global_loss, global_accuracy = loss_and_accuracy(model, base, features, labels)
@@ -264,6 +280,7 @@ class FewShotProtocol(Protocol):
             "track_gradients": self.track_gradients,
             "cache_dir": self.cache_dir,
             "devices": dict(self.devices),
+            **({"start": dict(self.start)} if self.start else {}),
         }
 
 
@@ -277,4 +294,5 @@ def _from_record(record: Mapping[str, Any]) -> Protocol:
         track_gradients=bool(record.get("track_gradients", True)),
         cache_dir=record.get("cache_dir"),
         devices=record.get("devices") or {},
+        start=record.get("start"),
     )
