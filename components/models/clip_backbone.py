@@ -236,11 +236,15 @@ class ClipBackbone:
         std = torch.tensor(self.std).view(1, 3, 1, 1)
         return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
+    def encode(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The frozen features of one batch of student-format inputs, traceable (``torch.export``)."""
+        return self._features(self.preprocess(inputs)).float()
+
     @torch.inference_mode()
     def image_features(self, inputs: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
         """Frozen features of student-format inputs (computed in eval mode, no autograd)."""
         self.model.eval()
-        out = [self._features(self.preprocess(chunk)).float() for chunk in inputs.split(batch_size)]
+        out = [self.encode(chunk) for chunk in inputs.split(batch_size)]
         return torch.cat(out).clone()  # a normal tensor, usable by autograd downstream
 
     @torch.no_grad()

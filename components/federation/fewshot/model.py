@@ -232,9 +232,8 @@ class FewShotImageModel(FewShotModel):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_exporting():  # MLflow's pt2 export: the tower is traced into the artifact
-            backbone = shared_backbone(self.teacher)
             with torch.no_grad():
-                features = backbone._features(backbone.preprocess(inputs)).float()
+                features = shared_backbone(self.teacher).encode(inputs)
             return super().forward(features)
         return super().forward(image_features(self.teacher, inputs))
 
