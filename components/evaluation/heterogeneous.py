@@ -249,8 +249,7 @@ def _ensemble(point: _Point, fid: str, exclude: Sequence[str] = ()) -> tuple[Ens
 def _shared(point: _Point, fid: str, exclude: Sequence[str] = ()) -> tuple[SharedBase, RoundResult, float]:
     s = point.settings
     profiles = point.profiles(s.shared_base)
-    few_shot = read_split(point.root / "data" / "server" / "few_shot.safetensors")
-    server = stage_split(point.history.store, few_shot, "server-data", "few-shot")
+    server = stage_split(point.history.store, point.few_shot(), "server-data", "few-shot")
     spec = profiles.spec_of(next(iter(s.shared_base)))
     protocol = SharedBase(profiles, spec, server, settings=s.shared, seed=s.federate_seed + point.seed, train=s.train)
     result, seconds = _federate(point, protocol, spec, fid, exclude)
