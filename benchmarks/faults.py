@@ -452,7 +452,7 @@ def explained_removals(store: Any) -> dict[str, str]:
     from components.audit.audit import read_tombstones
     from components.unlearning.retire import read_retirements
 
-    explained = {p["key"]: p["sha256"] for t in read_tombstones(store).values() for p in t.get("purged", [])}
+    explained = {p["key"]: p["sha256"] for t in read_tombstones(store, None).values() for p in t.get("purged", [])}
     for record in read_retirements(store):
         explained.update({s["key"]: s["sha256"] for s in record.get("states", [])})
     return explained
@@ -781,7 +781,7 @@ def unlearn_killed(suite: Suite, point: str) -> Verdict:
     Contract: exactly one unlearned version for the client, one tombstone naming
     it, and a complete purge (no archived object of the client left).
     """
-    from components.unlearning.tombstones import list_client_objects, read_tombstone
+    from components.unlearning.tombstones import read_tombstone
 
     verdict = Verdict()
     client = "client_01"
@@ -811,12 +811,12 @@ def unlearn_killed(suite: Suite, point: str) -> Verdict:
         (verdict.lost if len(unlearned) > 1 else verdict.failed).append(
             f"{len(unlearned)} unlearned versions for {client}: {unlearned}"
         )
-    tombstone = read_tombstone(store, client)
+    tombstone = read_tombstone(store, p.name, client)
     if tombstone is None:
         verdict.failed.append(f"no tombstone for {client}")
     elif unlearned and tombstone["resulting_version"] != unlearned[-1]:
         verdict.lost.append(f"the tombstone names version {tombstone['resulting_version']}, not {unlearned[-1]}")
-    left = list_client_objects(store, client)
+    left = client_objects_left(store, after, client)
     if left:
         verdict.failed.append(f"purge incomplete: {[r.key for r in left]}")
     compare(p, before, after, verdict)
@@ -882,10 +882,20 @@ def wait_for_requests(project: Project, request_ids: list[str], timeout: float) 
     return last
 
 
+def client_objects_left(store: Any, snapshot: Snapshot, client: str) -> list[Any]:
+    """The client's objects still in the store, by what the manifests of the snapshot's versions name."""
+    from components.lineage.history import UpdateHistory
+    from components.lineage.tags import manifest_ref_from_tags
+    from components.unlearning.purge import stored_client_objects
+
+    heads = [manifest_ref_from_tags(t) for t in snapshot.versions.values() if "manifest_key" in t]
+    return stored_client_objects(UpdateHistory(store), heads, client)
+
+
 def check_requests(project: Project, after: Snapshot, filed: dict[str, str], verdict: Verdict) -> None:
     """Every request done once: one unlearned version each, its tombstone, a complete purge."""
     from components.unlearning.requests import RequestBook
-    from components.unlearning.tombstones import list_client_objects, read_tombstone
+    from components.unlearning.tombstones import read_tombstone
 
     store = project.store()
     book = RequestBook(store)
@@ -900,10 +910,10 @@ def check_requests(project: Project, after: Snapshot, filed: dict[str, str], ver
             )
         if len(versions) != 1 and request.status == "done":
             verdict.lost.append(f"request {rid} ({client}) has {len(versions)} unlearned versions")
-        tombstone = read_tombstone(store, client)
+        tombstone = read_tombstone(store, project.name, client)
         if request.status == "done" and (tombstone is None or tombstone["request_id"] != rid):
             verdict.failed.append(f"tombstone of {client} missing or names another request")
-        if request.status == "done" and list_client_objects(store, client):
+        if request.status == "done" and client_objects_left(store, after, client):
             verdict.failed.append(f"purge of {client} incomplete")
 
 

@@ -332,7 +332,7 @@ def child_forgetting(args: argparse.Namespace) -> None:
             started = time.perf_counter()
             ref = manifest_ref_from_tags(tracker.version(summary["final_version"]).tags)
             manifest = history.read_manifest(ref)
-            tombstoned_clients(history.store)
+            tombstoned_clients(history.store, tracker.registry.model_name)
             present = present_clients(history, ref)  # the lineage guard's walk
             result = forget_client(history, ref, manifest, "client_01")
             hashlib.sha256(state_to_bytes(result.state, {})).hexdigest()

@@ -8,13 +8,14 @@ to MLflow as the artifacts of an audit run tagged with the audited version.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from components.audit.audit import AuditReport, audit
+from components.audit.audit import AuditReport, ServedWeights, audit
 from components.config.runtime import Runtime
 from components.config.sections import load_config, registered_model_profiles
 from components.lineage.store import open_store
@@ -31,9 +32,9 @@ class AuditTargetError(ValueError):
 @task(name="verify-lineage", cache_policy=NO_CACHE)
 def verify_task(
     store_url: str, version: str, tags: dict[str, str], index: dict[str, dict[str, str]], client: str | None,
-    model: str | None = None,
+    model: str | None = None, served_weights: ServedWeights | None = None,
 ) -> AuditReport:  # fmt: skip
-    return audit(open_store(store_url), version, tags, index, client, model)
+    return audit(open_store(store_url), version, tags, index, client, model, served_weights)
 
 
 @task(name="render-report", cache_policy=NO_CACHE)
@@ -90,7 +91,10 @@ def audit_flow(
     if target is None:
         raise AuditTargetError(tracker.missing(what, registered_model_profiles(runtime.params_path)))
     index = {v.tags["manifest_key"]: {**v.tags, "_version": v.version} for v in versions if "manifest_key" in v.tags}
-    report = verify_task(runtime.store, target.version, dict(target.tags), index, client, tracker.registry.model_name)
+    served = partial(tracker.served_weights, target.version)  # what the registry serves, bound to the archive
+    report = verify_task(
+        runtime.store, target.version, dict(target.tags), index, client, tracker.registry.model_name, served
+    )
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     folder = out_dir or _fresh_folder(
         runtime.state_dir / "audits" / f"{config.registry.model_name}-v{target.version}-{stamp}"

@@ -24,7 +24,8 @@ from components.lineage.tags import manifest_ref_from_tags
 from components.models.students import build_model
 from components.unlearning.forget import protocol_of
 from components.unlearning.guard import present_clients
-from components.unlearning.tombstones import tombstoned_clients, validate_client_id
+from components.unlearning.tombstones import validate_client_id
+from flows.ledger import forgotten_for
 from flows.tracking import Tracker
 
 
@@ -41,8 +42,10 @@ def export_client_model(
         what = f"version {version}" if version else f"alias {config.registry.champion_alias!r}"
         raise UnlearningError(tracker.missing(what, registered_model_profiles(runtime.params_path)))
     store = open_store(runtime.store)
-    if client_id in tombstoned_clients(store):
-        raise UnlearningError(f"client {client_id} was forgotten (tombstoned): no model of it is exported")
+    if client_id in forgotten_for(tracker, store):
+        raise UnlearningError(
+            f"client {client_id} was forgotten (or its deletion is under way): no model of it is exported"
+        )
     history = UpdateHistory(store)
     ref = manifest_ref_from_tags(target.tags)
     if client_id not in present_clients(history, ref):

@@ -42,8 +42,9 @@ from components.lineage.retention import RetentionPass, apply_retention
 from components.lineage.store import open_store
 from components.lineage.tags import federation_run_tags, global_version_tags, privacy_tags
 from components.models.students import ModelSpec, init_model
-from components.unlearning.tombstones import tombstoned_clients
+from components.unlearning.tombstones import removed_files
 from flows.failpoints import failpoint
+from flows.ledger import forgotten_for
 from flows.locks import model_write_lock
 from flows.methods import build_protocol, starting_point
 from flows.progress import report_progress
@@ -168,13 +169,17 @@ def _federate(runtime: Runtime, config: Config, profile: str, fresh: bool, promo
         server_state = history.read_state(head.server_state) if head.server_state else None
         parent_version = champion.version
 
-    forgotten = tombstoned_clients(store)
-    available = [cid for cid in data.client_ids() if cid not in forgotten]
-    if forgotten & set(data.client_ids()):
-        logger.warning(
-            "excluding forgotten (tombstoned) clients from training: %s",
-            ", ".join(sorted(forgotten & set(data.client_ids()))),
-        )
+    # every record of a deletion counts (intent, manifest, tombstone, registry): one removed reopens nothing
+    forgotten = set(forgotten_for(tracker, store))
+    gone = removed_files(store)  # shards a deletion removed from the data folder (of this model or another)
+    available = [
+        cid for cid in data.client_ids()
+        if cid not in forgotten and (data.client_path(cid).is_file() or _relative(data, cid) not in gone)
+    ]  # fmt: skip
+    left_out = sorted(set(data.client_ids()) - set(available))
+    if left_out:
+        logger.warning("excluding forgotten clients (or whose shard a deletion removed) from training: %s",
+                       ", ".join(left_out))  # fmt: skip
     dp = config.federate.dp_noise_multiplier
     accountant = lineage_accountant(history, head.manifest, len(available)) if dp else None
     federation = Federation(
@@ -296,9 +301,14 @@ def _federate(runtime: Runtime, config: Config, profile: str, fresh: bool, promo
         "champion_version": versions[-1].version if promotion["promoted"] else promotion["champion"],
         "final_version": versions[-1].version,
         "promotion": promotion,
-        "excluded_clients": sorted(forgotten & set(data.client_ids())),
+        "excluded_clients": left_out,
         "rounds": [{**row, "version": v.version} for row, v in zip(rows, versions)],
     }
+
+
+def _relative(data: FederationData, client_id: str) -> str:
+    """A client's shard as a deletion's tombstone names it (relative to the profile's data folder)."""
+    return data.client_path(client_id).relative_to(data.root.parent).as_posix()
 
 
 def _version(number: int | None) -> str | None:

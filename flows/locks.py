@@ -1,13 +1,18 @@
 """One model writer at a time: retraining and unlearning never change the model concurrently.
 
-With a shared Prefect server (``PREFECT_API_URL`` set): a Prefect global
-concurrency limit with one slot, named by ``operations.model_write_limit``,
-held for the whole of a federation or a deletion. ``fedforget serve`` creates
-it, and so does the first model writer of a process that finds it missing.
+Every writer (``federate``, ``unlearn``, whether started by the CLI or by
+``serve``'s flow runs) takes the same lock, and the lock is strict: a writer
+that cannot hold it does not write.
 
-Without one (embedded defaults, each process with its temporary server): a file
-lock beside the project's state (``.fedforget/model-writes.lock``), so two
-``fedforget`` commands started at once on one machine take turns too.
+- Always: a file lock beside the project's state (``.fedforget/model-writes.lock``),
+  so a CLI command and ``serve`` on one machine take turns, whatever Prefect
+  server each talks to (``serve`` runs a private one when none is configured).
+- With a Prefect server (``PREFECT_API_URL`` set) as well: a global
+  concurrency limit with one slot, named by ``operations.model_write_limit``,
+  taken strictly (Prefect raises when the limit does not exist, instead of
+  running unlocked), so writers on other machines sharing that server take
+  turns too. ``fedforget serve`` creates the limit, and so does the first
+  model writer of a process that finds it missing.
 """
 
 from __future__ import annotations
@@ -32,18 +37,23 @@ _ENSURED_LOCK = threading.Lock()
 def model_write_lock(config: Config, runtime: Runtime) -> Iterator[None]:
     from prefect.settings import PREFECT_API_URL
 
-    if not PREFECT_API_URL.value():
-        with file_lock(runtime.state_dir / LOCK_FILE):
+    with file_lock(runtime.state_dir / LOCK_FILE):
+        if not PREFECT_API_URL.value():
             yield
-        return
+            return
+        with _global_slot(config.operations.model_write_limit):
+            yield
+
+
+@contextmanager
+def _global_slot(name: str) -> Iterator[None]:
     from prefect.concurrency.sync import concurrency
 
-    name = config.operations.model_write_limit
     with _ENSURED_LOCK:
         if name not in _ENSURED:
             ensure_model_write_limit(name)
             _ENSURED.add(name)
-    slot = concurrency(name, occupy=1, strict=False)
+    slot = concurrency(name, occupy=1, strict=True)  # no limit, no write
     slot.__enter__()
     try:
         yield

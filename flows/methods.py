@@ -35,6 +35,7 @@ from components.lineage.history import UpdateHistory
 from components.lineage.tags import manifest_ref_from_tags
 from components.models.students import ModelSpec
 from components.unlearning.guard import check_clean, present_clients
+from flows.ledger import forgotten_for
 from flows.tracking import Tracker
 
 
@@ -58,6 +59,7 @@ def starting_point(
     check_clean(
         history, history.store, ref, version.version, "start a few-shot federation from",
         f"Choose a version of {name} without them (its deletion's version or a later one).",
+        name, forgotten_for(source, history.store),
     )  # fmt: skip
     manifest = history.read_manifest(ref)
     if manifest.model.name in (MODEL_NAME, IMAGE_MODEL_NAME, STUDENT_MODEL_NAME):

@@ -11,7 +11,11 @@
 ``fedforget request-deletion`` files a request in the store (the outbox) and
 then emits the event. ``serve`` also sweeps the store, at start and every
 ``operations.sweep_interval_s``, for requests still pending after
-``operations.sweep_grace_s`` (their event was lost) and starts them itself.
+``operations.sweep_grace_s`` (their event was lost) and for failed ones due
+for another attempt (``operations.retry_base_s``, doubling, at most
+``operations.retry_max_attempts``), and starts them itself. A failure emits
+``fedforget.deletion.failed``. A request names its registered model and runs
+under the params profile that registers it.
 Both flows hold the one-slot model-write limit, so a deletion that arrives
 during a retraining is applied after it, to the model it produced.
 """
@@ -34,6 +38,7 @@ from components.federation.protocol import UnlearningError
 from components.lineage.history import UpdateHistory
 from components.lineage.store import open_store
 from components.lineage.tags import manifest_ref_from_tags
+from components.unlearning.guard import present_clients
 from components.unlearning.requests import (
     EVENT_NAME,
     RESOURCE_PREFIX,
@@ -42,8 +47,11 @@ from components.unlearning.requests import (
     RequestError,
 )
 from components.unlearning.tombstones import read_tombstone, validate_client_id
+from flows.ledger import forgotten_for
 from flows.tracking import Tracker
 from flows.unlearn import unlearn
+
+FAILED_EVENT = "fedforget.deletion.failed"  # a deletion run failed; the sweep retries it with backoff
 
 
 class MalformedRequest(ValueError):
@@ -91,6 +99,14 @@ def process_deletion_request(
         request = book.get(request_id)
     except RequestError as exc:
         raise MalformedRequest(f"malformed deletion event: {exc}") from None
+    if request.model is not None:  # the profile that registers the request's model, whatever serve's own
+        profiles = registered_model_profiles(runtime.params_path)
+        if request.model not in profiles:
+            reason = f"no params profile registers model {request.model!r}; known: {sorted(profiles)}"
+            if request.status != "done":
+                book.move(request_id, "failed", error=reason)
+            raise MalformedRequest(reason)
+        profile = profiles[request.model]
     if resource_id and resource_id != request.resource_id:
         reason = f"the event's resource {resource_id!r} does not match the request's {request.resource_id!r}"
         if request.status != "done":
@@ -106,7 +122,9 @@ def process_deletion_request(
             client_id=request.client_id, request_id=request_id, profile=profile, project=project, reason=request.reason
         )
     except Exception as exc:
-        book.move(request_id, "failed", error=f"{type(exc).__name__}: {exc}")
+        failed = book.move(request_id, "failed", error=f"{type(exc).__name__}: {exc}")
+        logger.error("deletion request %s failed (attempt %d): %s", request_id, failed.failures, failed.error)
+        emit_failure(failed)
         raise
     book.move(request_id, "done", version=result["version"])
     return {"request_id": request_id, "status": "done", "version": result["version"], "result": result["status"]}
@@ -129,29 +147,33 @@ def request_deletion(
     runtime = Runtime.from_env(project)
     config = load_config(runtime.params_path, profile)
     store = open_store(runtime.store)
-    tombstone = read_tombstone(store, client_id)
+    model = config.registry.model_name
+    tombstone = read_tombstone(store, model, client_id)
     if tombstone is not None:
         raise UnlearningError(
-            f"{client_id} was already forgotten by request {tombstone['request_id']} "
+            f"{client_id} was already forgotten from {model} by request {tombstone['request_id']} "
             f"(version {tombstone['resulting_version']}); nothing filed"
         )
     book = RequestBook(store)
-    existing = book.open_for(client_id)
+    existing = book.open_for(client_id, model)
     if existing is not None:
         return existing, False, False
     tracker = Tracker(runtime, config.registry)
-    champion = tracker.alias()
-    if champion is None:
-        hint = tracker.missing(
-            f"alias {config.registry.champion_alias!r}", registered_model_profiles(runtime.params_path)
-        )
+    versions = tracker.versions()
+    if not versions:
+        hint = tracker.missing("registered version", registered_model_profiles(runtime.params_path))
         raise UnlearningError(f"nothing to forget from: {hint}; nothing filed")
-    manifest = UpdateHistory(store).read_manifest(manifest_ref_from_tags(champion.tags))
-    if client_id not in manifest.sums:
+    history = UpdateHistory(store)
+    # any protocol's record of who trained (not only running sums), in any registered version's lineage
+    if not any(
+        client_id in present_clients(history, manifest_ref_from_tags(v.tags))
+        for v in versions
+        if "manifest_key" in v.tags
+    ):
         raise UnlearningError(
-            f"unknown client {client_id}: it has no contribution in champion version {champion.version}; nothing filed"
+            f"unknown client {client_id}: no registered version of {model} holds its contributions; nothing filed"
         )
-    request = book.file(client_id, reason)  # durable first ...
+    request = book.file(client_id, reason, model=model)  # durable first ...
     return request, True, emit_request(request)  # ... then announced
 
 
@@ -178,14 +200,31 @@ def emit_request(request: DeletionRequest, timeout_s: float = 10.0) -> bool:
 
 
 def sweep_pending(config: Config, runtime: Runtime, dispatch: Any) -> list[str]:
-    """Start every request pending for longer than the grace period (its event was lost)."""
+    """Start every request pending for longer than the grace period (its event was lost), and every failed
+    one due for another attempt (backoff doubling from ``operations.retry_base_s``)."""
     book = RequestBook(open_store(runtime.store))
+    ops = config.operations
     started = []
-    for request in book.stale_pending(config.operations.sweep_grace_s):
+    due = [*book.stale_pending(ops.sweep_grace_s), *book.retryable(ops.retry_base_s, ops.retry_max_attempts)]
+    for request in due:
         dispatch(request)
         book.note_dispatch(request.request_id)
         started.append(request.request_id)
     return started
+
+
+def emit_failure(request: DeletionRequest) -> None:
+    """Tell Prefect (and whoever automates on its events) that a deletion failed; best effort."""
+    try:
+        from prefect.events import emit_event
+
+        emit_event(
+            event=FAILED_EVENT,
+            resource={"prefect.resource.id": request.resource_id, "prefect.resource.name": request.client_id},
+            payload={"request_id": request.request_id, "error": request.error, "failures": request.failures},
+        )
+    except Exception:  # the failure is recorded in the request either way
+        pass
 
 
 def _dispatcher(config: Config, runtime: Runtime, profile: str) -> Any:
@@ -301,7 +340,14 @@ def _report_tainted_champion(config: Config, runtime: Runtime) -> None:
         if champion is None:
             return
         store = open_store(runtime.store)
-        tainted = forgotten_in(UpdateHistory(store), store, manifest_ref_from_tags(champion.tags))
+        tracker = Tracker(runtime, config.registry)
+        tainted = forgotten_in(
+            UpdateHistory(store),
+            store,
+            manifest_ref_from_tags(champion.tags),
+            config.registry.model_name,
+            forgotten_for(tracker, store),
+        )
     except Exception as exc:  # serving must start; the flows check again
         print(f"could not check {config.registry.champion_alias}'s lineage: {type(exc).__name__}: {exc}", flush=True)
         return

@@ -23,6 +23,7 @@ from components.lineage.store import open_store
 from components.lineage.tags import REJECTED_TAG, manifest_ref_from_tags
 from components.models.students import ModelSpec
 from components.unlearning.guard import TaintedLineageError, check_clean, forgotten_in
+from flows.ledger import forgotten_for
 from flows.tracking import Tracker, VersionInfo
 
 COLLECTED_TAG = "archive_collected"
@@ -77,7 +78,10 @@ def resume_head(
         advice = "Choose a version without them (the deletion's version or a later one), or start over with --fresh."
     ref = manifest_ref_from_tags(champion.tags)
     try:
-        check_clean(history, history.store, ref, champion.version, "resume training from", advice)
+        check_clean(
+            history, history.store, ref, champion.version, "resume training from", advice,
+            tracker.registry.model_name, forgotten_for(tracker, history.store),
+        )  # fmt: skip
     except TaintedLineageError as exc:
         logger.error("%s", exc)
         emit_tainted_event(tracker.registry.model_name, champion.version, exc.clients, alias)
@@ -124,15 +128,16 @@ def promote(
 ) -> dict[str, Any]:  # fmt: skip
     """Move ``champion`` to ``final`` as the rule says; tag a rejected version with the reason."""
     current = tracker.alias()  # read once: the model-write lock keeps it still
+    model, forgotten = tracker.registry.model_name, forgotten_for(tracker, history.store)
     decision: dict[str, Any] = {"rule": rule, "champion": current.version if current else None, "promoted": False}
     check_clean(
         history, history.store, manifest_ref_from_tags(final.tags), final.version, "promote",
-        "Its clients were forgotten while it trained; run the federation again.",
+        "Its clients were forgotten while it trained; run the federation again.", model, forgotten,
     )  # fmt: skip
     if (
         current is not None
         and current.version != final.version
-        and forgotten_in(history, history.store, manifest_ref_from_tags(current.tags))
+        and forgotten_in(history, history.store, manifest_ref_from_tags(current.tags), model, forgotten)
     ):
         # A champion that still holds a forgotten client is no yardstick: a clean candidate replaces it.
         rule = "always" if rule == "gate" else rule

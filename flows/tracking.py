@@ -294,6 +294,22 @@ class Tracker:
             repo.delete_artifacts()
         return paths
 
+    def served_weights(self, version: str, keys: list[str] | None = None) -> str | None:
+        """The digest (:func:`~components.core.state.weights_digest`) of the weights the registry serves for
+        ``version``, loaded from its logged model as any consumer would, over ``keys`` (default: all);
+        ``None`` when the version has no weights (retired)."""
+        import mlflow.pytorch
+
+        from components.core.state import weights_digest
+
+        found = self.version(version)
+        if found is None or not self.model_artifacts(version):
+            return None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            served = mlflow.pytorch.load_model(found.source).state_dict()
+        return weights_digest(served, keys)
+
     def set_version_tag(self, version: str, key: str, value: str) -> None:
         self.client.set_model_version_tag(self.registry.model_name, version, key, value)
 

@@ -1,14 +1,17 @@
 """Prefect flow ``unlearn``: forget one client, restore quality, register, keep it deleted.
 
-Steps (each a tracked task): validate the request -> forget (subtract the
-client's running sum, every object hash-checked) -> fit or reuse the teacher
--> distil on the few-shot server data -> evaluate -> archive the deletion (its
-manifest last) -> register the unlearned version and move ``champion`` ->
-flag earlier versions that still contain the client -> tombstone -> purge the
-client's archived updates and running sums.
+Steps (each a tracked task): validate the request -> record the intent (from
+then on every producer refuses the client) -> forget (as the lineage's protocol
+says, every object hash-checked) -> fit or reuse the teacher -> distil on the
+few-shot server data -> evaluate -> archive the deletion (its manifest last) ->
+register the unlearned version and move ``champion`` -> complete: flag and
+retire the versions that still contain the client, tombstone, purge what the
+manifests say holds it (store objects, staged and prepared shards), keep
+``champion`` clean, sign the receipt.
 
-Re-running after a crash finishes what is missing; re-running after success
-is a no-op that reports the existing unlearned version.
+Re-running after a crash or a failure completes what is missing (a registered
+deletion is only trusted once its manifest is read); re-running after success
+reports the existing deletion and its receipt.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,36 +32,43 @@ from components.config.runtime import Runtime
 from components.config.sections import Config, VerificationConfig, load_config, registered_model_profiles
 from components.core.ids import validate_id
 from components.core.refs import ObjectRef
-from components.core.state import StateDict
+from components.core.state import StateDict, weights_digest
 from components.data.datasets import Split
 from components.data.layout import FEDERATION_DIR, SERVER_DIR, FederationData, dvc_dir_hash, read_split
 from components.federation.protocol import ForgetResult, UnlearningError
 from components.learning.distill import distill, teacher_logits_for
 from components.lineage.history import UpdateHistory
-from components.lineage.manifests import Manifest, UnlearningManifest
-from components.lineage.store import open_store
+from components.lineage.manifests import Manifest, UnlearningManifest, utc_now
+from components.lineage.store import ObjectStore, open_store
 from components.lineage.tags import (
     TEACHER_TAINT_TAG,
+    TOMBSTONE_TAG,
     manifest_ref_from_tags,
     unlearned_version_tags,
     unlearning_run_tags,
 )
 from components.models.students import ModelSpec, build_model
-from components.unlearning.forget import forget_client, new_request_id
+from components.unlearning.forget import forget_client, new_request_id, protocol_of
 from components.unlearning.guard import check_clean, present_clients, start_clients
+from components.unlearning.purge import prepared_files, remove_prepared_files, stored_client_objects
+from components.unlearning.receipts import build_receipt, load_signing_key, read_receipt, sign_receipt, write_receipt
 from components.unlearning.tombstones import (
     delete_objects,
-    list_client_objects,
+    read_intent,
     read_tombstone,
+    record_intent,
     validate_client_id,
     write_tombstone,
 )
 from components.unlearning.verify import deletion_checks, model_from_state
 from flows.failpoints import failpoint
+from flows.ledger import ensure_clean_champion, forgotten_for, verified_deletion
 from flows.locks import model_write_lock
 from flows.retire import derived_trackers, flag_versions_task, retire_task
 from flows.teacher import teacher_task
 from flows.tracking import Tracker, VersionInfo
+
+RECEIPT_KEY_FILE = "keys/receipt-ed25519.pem"  # under the project's state folder, unless the environment names one
 
 # --------------------------------------------------------------------------- tasks
 
@@ -117,51 +129,97 @@ def register_task(
 
 @task(name="tombstone-and-purge", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=2)
 def tombstone_task(
-    store_url: str, client_id: str, request_id: str, source_version: str, resulting_version: str,
-    variant: str, manifest_ref: ObjectRef, reason: str | None,
+    store_url: str, model: str, client_id: str, version: VersionInfo, heads: list[ObjectRef], data_dir: str,
+    reason: str | None,
 ) -> dict[str, Any]:  # fmt: skip
+    """Tombstone the client, then purge what the manifests of ``heads`` say holds it, and its prepared shards.
+
+    Hashes first, then the tombstone, then the deletes: a crash in between
+    leaves a tombstone naming every object, and the next run deletes what is left.
+    """
     store = open_store(store_url)
-    # Hashes first, then the tombstone, then the deletes: a crash in between leaves
-    # a tombstone naming every object, and the next run deletes what is left.
-    doomed = list_client_objects(store, client_id)
+    tags = version.tags
+    doomed = stored_client_objects(UpdateHistory(store), heads, client_id)
+    files = prepared_files(Path(data_dir), client_id)
     tombstone = write_tombstone(
-        store, client_id=client_id, request_id=request_id, source_version=source_version,
-        resulting_version=resulting_version, variant=variant, unlearning_manifest=manifest_ref,
-        purged=doomed, reason=reason,
+        store, model=model, client_id=client_id, request_id=tags["request_id"], source_version=tags["source_version"],
+        resulting_version=version.version, variant=tags["forgetting_variant"],
+        unlearning_manifest=manifest_ref_from_tags(tags), purged=doomed, reason=reason,
+        guarantee=tags.get("forgetting"), files=files,
     )  # fmt: skip
-    delete_objects(store, doomed)
-    return {"tombstone": tombstone.key, "purged": len(doomed)}
-
-
-@task(name="purge-leftovers", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=2)
-def purge_leftovers_task(store_url: str, client_id: str) -> int:
-    """Delete objects a crashed run left between writing the tombstone and purging."""
-    store = open_store(store_url)
-    leftovers = list_client_objects(store, client_id)
-    delete_objects(store, leftovers)
-    return len(leftovers)
+    record = read_tombstone(store, model, client_id) or {}
+    purged = [ObjectRef.from_dict(ref) for ref in record.get("purged", [])]
+    delete_objects(store, purged)  # the recorded ones: a rerun finishes what a crash left
+    remove_prepared_files(Path(data_dir), record.get("files", []))
+    return {"tombstone": tombstone, "purged": len(purged), "files_removed": len(record.get("files", []))}
 
 
 # --------------------------------------------------------------------------- flow
 
 
-def _finalise(
-    tracker: Tracker, store_url: str, version: VersionInfo, client_id: str, reason: str | None, retire: str
+def _complete(
+    ctx: _Context, version: VersionInfo, client_id: str, reason: str | None, started_at: str
 ) -> dict[str, Any]:
-    """Finish a deletion whose version is registered (after a crash, or just now)."""
-    flagged = flag_versions_task(tracker, store_url, client_id, version.version)
+    """Finish a deletion whose version is registered (after a crash or a failure, or just now).
+
+    Every step is idempotent: flag and retire the versions that still hold the
+    client (here and in derived models), tombstone and purge, keep ``champion``
+    on a clean version, bind the tombstone's hash in the registry, sign the receipt.
+    """
+    tracker, store_url = ctx.tracker, ctx.runtime.store
+    mode = ctx.config.unlearn.retire_tainted
     request_id = version.tags["request_id"]
+    flagged = flag_versions_task(tracker, store_url, client_id, version.version)
+    heads = [manifest_ref_from_tags(v.tags) for v in tracker.versions() if "manifest_key" in v.tags]
     done = tombstone_task(
-        store_url, client_id, request_id, version.tags["source_version"],
-        version.version, version.tags["forgetting_variant"], manifest_ref_from_tags(version.tags), reason,
-    )  # fmt: skip
-    retired = retire_task(tracker, store_url, client_id, request_id, retire, version.version)
+        store_url, ctx.model, client_id, version, heads, str(ctx.runtime.data_dir(ctx.profile)), reason
+    )
+    retired = retire_task(tracker, store_url, client_id, request_id, mode, version.version)
     # Models derived from this one (a few-shot federation started from its student) hold the client too.
     for other in derived_trackers(tracker):
         name = other.registry.model_name
-        flagged += [f"{name}/{v}" for v in flag_versions_task(other, store_url, client_id, "")]
-        retired += [f"{name}/{v}" for v in retire_task(other, store_url, client_id, request_id, retire, "", True)]
-    return {"flagged_versions": flagged, "retired_versions": retired, **done}
+        qualified = f"{ctx.model}/{client_id}"
+        flagged += [f"{name}/{v}" for v in flag_versions_task(other, store_url, qualified, "")]
+        retired += [f"{name}/{v}" for v in retire_task(other, store_url, qualified, request_id, mode, "", True)]
+    moved = ensure_clean_champion(tracker, ctx.history, forgotten_for(tracker, ctx.store), version)
+    tombstone: ObjectRef = done["tombstone"]
+    tracker.set_version_tag(version.version, TOMBSTONE_TAG, tombstone.sha256)
+    receipt = receipt_task(ctx, version, client_id, tombstone, retired, flagged, started_at)
+    return {"flagged_versions": flagged, "retired_versions": retired, "champion_moved_to": moved,
+            "purged": done["purged"], "files_removed": done["files_removed"], "tombstone": tombstone.key,
+            "guarantee": version.tags.get("forgetting"), "receipt": receipt}  # fmt: skip
+
+
+@task(name="sign-receipt", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def receipt_task(
+    ctx: _Context, version: VersionInfo, client_id: str, tombstone: ObjectRef, retired: list[str],
+    flagged: list[str], started_at: str,
+) -> dict[str, Any]:  # fmt: skip
+    """The deletion's signed receipt (written once to the store, logged with the deletion's run)."""
+    request_id = version.tags["request_id"]
+    existing = read_receipt(ctx.store, ctx.model, request_id)
+    if existing is not None:
+        return existing
+    ref = manifest_ref_from_tags(version.tags)
+    manifest = ctx.history.read_manifest(ref)
+    intent = read_intent(ctx.store, ctx.model, client_id) or {}
+    body = build_receipt(
+        request_id=request_id, model=ctx.model, client_id=client_id, guarantee=version.tags["forgetting"],
+        source_version=version.tags["source_version"], new_version=version.version,
+        retired_versions=[v for v in retired if "/" not in v], flagged_versions=[v for v in flagged if "/" not in v],
+        unlearning_manifest=ref, tombstone=tombstone,
+        weights_sha256=weights_digest(ctx.history.read_state(manifest.global_state)),
+        verification={k: float(v) for k, v in manifest.metrics.items()},
+        times={"intent_recorded_at": intent.get("time") or "", "started_at": started_at,
+               "registered_at": manifest.created_at, "completed_at": utc_now()},
+        reason=intent.get("reason"),
+    )  # fmt: skip
+    receipt = sign_receipt(body, load_signing_key(ctx.runtime.state_dir / RECEIPT_KEY_FILE))
+    write_receipt(ctx.store, receipt)
+    if version.run_id:
+        with contextlib.suppress(Exception):  # the store's copy is the record; MLflow's is for people
+            ctx.tracker.log_dict(version.run_id, receipt, "receipt.json")
+    return receipt
 
 
 @flow(name="unlearn")
@@ -204,34 +262,51 @@ def unlearn(
         return _unlearn(runtime, config, client_id, version, request_id, profile, reason)
 
 
+@dataclass(frozen=True)
+class _Context:
+    """What every step of one deletion shares."""
+
+    runtime: Runtime
+    config: Config
+    profile: str
+    store: ObjectStore
+    history: UpdateHistory
+    tracker: Tracker
+
+    @property
+    def model(self) -> str:
+        return self.config.registry.model_name
+
+
 def _unlearn(
     runtime: Runtime, config: Config, client_id: str, version: str | None, request_id: str,
     profile: str, reason: str | None,
 ) -> dict[str, Any]:  # fmt: skip
     logger = get_run_logger()
     started = time.perf_counter()
+    started_at = utc_now()
     store_url = runtime.store
     store = open_store(store_url)
     history = UpdateHistory(store)
     tracker = Tracker(runtime, config.registry)
+    ctx = _Context(runtime, config, profile, store, history, tracker)
+    model = ctx.model
 
-    # 1. Validate: already forgotten -> report; registered but unfinished -> finish.
-    tombstone = read_tombstone(store, client_id)
+    # 1. Validate: already forgotten -> finish leftovers, report; registered but unfinished -> complete.
+    tombstone = read_tombstone(store, model, client_id)
+    done = verified_deletion(tracker, history, client_id)  # its manifest read: tags alone prove nothing
+    if done is not None:
+        what = "already forgotten" if tombstone else "registered but unfinished"
+        logger.info("the deletion of %s (version %s) is %s: completing it", client_id, done.version, what)
+        extra = _complete(ctx, done, client_id, reason, started_at)
+        return {"status": "already_forgotten" if tombstone else "completed", "client_id": client_id,
+                "version": done.version, "request_id": done.tags["request_id"], **extra}  # fmt: skip
     if tombstone is not None:
-        leftovers = purge_leftovers_task(store_url, client_id)
-        retired = retire_task(
-            tracker, store_url, client_id, tombstone["request_id"], config.unlearn.retire_tainted,
-            tombstone["resulting_version"],
-        )  # fmt: skip
-        logger.info("client %s was already forgotten by request %s", client_id, tombstone["request_id"])
-        return {"status": "already_forgotten", "client_id": client_id, "version": tombstone["resulting_version"],
-                "request_id": tombstone["request_id"], "purged_leftovers": leftovers, "retired_versions": retired}  # fmt: skip
-    done = tracker.find_versions(kind="unlearned", forgotten_client=client_id)
-    if done:
-        logger.warning("finishing the deletion of %s registered as version %s", client_id, done[-1].version)
-        extra = _finalise(tracker, store_url, done[-1], client_id, reason, config.unlearn.retire_tainted)
-        return {"status": "completed", "client_id": client_id, "version": done[-1].version,
-                "request_id": done[-1].tags["request_id"], **extra}  # fmt: skip
+        raise UnlearningError(
+            f"{client_id} has a tombstone (request {tombstone.get('request_id')}) but no registered version of "
+            f"{model} verifies its deletion: the registry or the archive was changed. Run `fedforget audit`; "
+            "nothing changed"
+        )
     source = tracker.version(version) if version else tracker.alias()
     if source is None:
         what = f"version {version}" if version else f"alias {config.registry.champion_alias!r}"
@@ -244,26 +319,36 @@ def _unlearn(
         history, store, source_ref, source.version, f"unlearn {client_id} from",
         f"Unlearn from the current {config.registry.champion_alias} (version "
         f"{champion.version if champion else 'none'}), which is free of forgotten clients, or omit --version.",
+        model, forgotten_for(tracker, store), allow={client_id},
     )  # fmt: skip
     if client_id not in present_clients(history, source_ref):  # any protocol's index, not only running sums
+        others = sorted(c for c in start_clients(source_manifest) if c.endswith(f"/{client_id}"))
+        hint = (
+            f" Its starting point holds {', '.join(others)}: another model's client of the same id; forget it "
+            "there (fedforget unlearn on that model's profile)."
+            if others else ""
+        )  # fmt: skip
         raise UnlearningError(
-            f"client {client_id} never contributed to version {source.version} (or its lineage); nothing changed"
+            f"client {client_id} never contributed to version {source.version} (or its lineage); nothing changed.{hint}"
         )
-    if client_id in start_clients(source_manifest):  # baked into the starting point: no subtraction reaches it
-        start = source_manifest.protocol["start"]
+    guarantee = protocol_of(source_manifest).guarantee(config.unlearn.variant)
+    if guarantee == "approximate" and not config.unlearn.allow_approximate:
         raise UnlearningError(
-            f"client {client_id} is in version {source.version} through its starting point, version "
-            f"{start.get('version')} of model {start.get('model')}, which no deletion here can take out; nothing "
-            f"changed. Forget it there (fedforget unlearn --client {client_id} on that model's profile), then start "
-            "the few-shot federation again from a version without it (federate.fewshot.student_version) with --fresh."
+            f"this model's forgetting method keeps part of {client_id}'s direct contribution (guarantee "
+            "approximate): choose a method that removes every contribution (ensemble distillation: "
+            "federate.ensemble.forget_from=initial), or opt in with --set unlearn.allow_approximate=true (the "
+            "version is then tagged forgetting=approximate); nothing changed"
         )
+    # The intent is durable before anything is registered: from here every producer refuses the client.
+    record_intent(store, model=model, client_id=client_id, request_id=request_id, reason=reason)
     validated = time.perf_counter()
 
     data = FederationData(runtime.data_dir(profile) / FEDERATION_DIR)
     server_dir = runtime.data_dir(profile) / SERVER_DIR
     # Read once: three evaluations, a teacher and the distillation share them.
     test = data.test()
-    client = data.client(client_id) if client_id in data.meta["clients"] else None
+    shard = data.root / "clients" / f"{client_id}.safetensors"
+    client = data.client(client_id) if client_id in data.meta["clients"] and shard.is_file() else None
     source_state = history.read_state(source_manifest.global_state)
     spec = source_manifest.model
     input_shape = (1, *data.meta["image_shape"])
@@ -321,6 +406,7 @@ def _unlearn(
             data_version=server_version, metrics=metrics,
             # a protocol whose forget rebuilt the server's carried state (ensemble: the architectures' models)
             server_state=getattr(result, "server_state", None), objects=getattr(result, "objects", None),
+            registered_model=model, guarantee=guarantee,
         )  # fmt: skip
         archived = time.perf_counter()
 
@@ -330,7 +416,7 @@ def _unlearn(
             client_id=client_id, request_id=request_id, source_version=source.version,
             source_federation_id=source.tags.get("federation_id", "none"), variant=config.unlearn.variant,
             teacher=config.unlearn.teacher, teacher_run_id=teacher_run_id, data_version=server_version,
-            server_round=source_manifest.server_round, manifest=manifest_ref, metrics=metrics,
+            server_round=source_manifest.server_round, manifest=manifest_ref, metrics=metrics, guarantee=guarantee,
         )  # fmt: skip
         if config.unlearn.teacher == "global-model":
             tags[TEACHER_TAINT_TAG] = "true"
@@ -338,7 +424,7 @@ def _unlearn(
         registered = time.perf_counter()
 
         # 8-10. Flag versions that still contain the client, tombstone, purge.
-        extra = _finalise(tracker, store_url, registered_version, client_id, reason, config.unlearn.retire_tainted)
+        extra = _complete(ctx, registered_version, client_id, reason, started_at)
         finished = time.perf_counter()
         timings = {
             "validate_s": validated - started,
@@ -375,6 +461,7 @@ def _unlearn(
         "source_version": source.version,
         "version": registered_version.version,
         "variant": config.unlearn.variant,
+        "guarantee": guarantee,
         "teacher": config.unlearn.teacher,
         "teacher_run_id": teacher_run_id,
         "run_id": run_id,

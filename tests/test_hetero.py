@@ -21,7 +21,7 @@ from components.lineage.history import UpdateHistory, verify_manifest
 from components.lineage.store import LocalStore
 from components.models.students import ModelSpec, init_model
 from components.unlearning.forget import forget_client
-from components.unlearning.tombstones import list_client_objects
+from components.unlearning.purge import stored_client_objects
 
 DERIVED = {"num_classes": 10, "in_channels": 1, "image_size": 8}
 TRAIN = TrainSettings(local_epochs=1, batch_size=16, lr=0.05)
@@ -266,7 +266,11 @@ def test_shared_base_forgetting_subtracts_the_base_contributions_and_drops_the_h
         personalised_model(history, unlearned, "c1")
     _, state = personalised_model(history, unlearned, "c2")
     close(split(state)[0], split(forgotten.state)[0], atol=0)
-    assert {ref.key.split("/")[-2] for ref in list_client_objects(store, "c1")} >= {"personal", "updates", "sums"}
+    assert {ref.key.split("/")[-2] for ref in stored_client_objects(history, [unlearned_ref], "c1")} >= {
+        "personal",
+        "updates",
+        "sums",
+    }
     assert isinstance(protocol_from_record(unlearned.protocol), SharedBase) and unlearned_ref.key.endswith(".json")
 
 

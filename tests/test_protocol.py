@@ -195,7 +195,7 @@ def ClientReplyWith(reply, objects):
 
 
 def test_a_method_records_client_objects_a_personal_state_and_its_own_objects(tmp_path):
-    from components.unlearning.tombstones import list_client_objects
+    from components.unlearning.purge import stored_client_objects
 
     store = LocalStore(tmp_path)
     history, _, results = federate(EchoProtocol(FedAvg()), store, rounds=2)
@@ -207,7 +207,7 @@ def test_a_method_records_client_objects_a_personal_state_and_its_own_objects(tm
     assert first.personal == {c.client_id: c.objects["personal"] for c in first.clients}
     assert history.read_state(second.personal["c1"])["seen"].item() == 1.0
     # and every per-client record is found for purging
-    kinds = {key.key.split("/")[-2] for key in list_client_objects(store, "c1")}
+    kinds = {key.key.split("/")[-2] for key in stored_client_objects(history, [results[-1].manifest_ref], "c1")}
     assert kinds == {"updates", "sums", "personal", "soft_labels", "clients"}
 
 

@@ -13,7 +13,8 @@ from components.lineage.history import UpdateHistory
 from components.lineage.manifests import UnlearningManifest
 from components.lineage.store import IntegrityError, open_store
 from components.lineage.tags import manifest_ref_from_tags
-from components.unlearning.tombstones import list_client_objects, read_tombstone
+from components.unlearning.purge import stored_client_objects
+from components.unlearning.tombstones import read_tombstone
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
 
@@ -34,6 +35,12 @@ def context(project):
     return tracker, store, UpdateHistory(store)
 
 
+def left(tracker, history, client_id):
+    """The client's objects still in the store, by what the manifests of every registered version name."""
+    heads = [manifest_ref_from_tags(v.tags) for v in tracker.versions()]
+    return stored_client_objects(history, heads, client_id)
+
+
 def test_unlearn_registers_a_tagged_version_and_keeps_the_client_deleted(tiny_project):
     from flows.federate import run_federate
     from flows.unlearn import unlearn
@@ -42,7 +49,7 @@ def test_unlearn_registers_a_tagged_version_and_keeps_the_client_deleted(tiny_pr
     federation = run_federate(project=str(tiny_project))
     tracker, store, history = context(tiny_project)
     prefitted = tracker.client.get_run(federation["run_id"]).data.tags["teacher_run_id"]
-    assert len(list_client_objects(store, "client_01")) == 5  # 2 updates + 2 running sums + its staged shard
+    assert len(left(tracker, history, "client_01")) == 5  # 2 updates + 2 running sums + its staged shard
     # Execute
     result = unlearn(client_id="client_01", project=str(tiny_project), request_id="req-001", reason="ticket 42")
     # Assert: a new version with every lineage tag, champion moved to it
@@ -63,8 +70,8 @@ def test_unlearn_registers_a_tagged_version_and_keeps_the_client_deleted(tiny_pr
     for number in ("1", "2"):
         assert tracker.version(number).tags["contains_forgotten_clients"] == "client_01"
     # the store holds nothing of the client, only its tombstone
-    assert list_client_objects(store, "client_01") == []
-    tombstone = read_tombstone(store, "client_01")
+    assert left(tracker, history, "client_01") == []
+    tombstone = read_tombstone(store, "tiny", "client_01")
     assert tombstone["request_id"] == "req-001" and tombstone["resulting_version"] == "3"
     assert tombstone["reason"] == "ticket 42" and len(tombstone["purged"]) == 5
     assert all(len(p["sha256"]) == 64 for p in tombstone["purged"])
@@ -110,8 +117,8 @@ def test_unknown_client_and_tampered_archive_are_refused(tiny_project):
         unlearn(client_id="client_00", project=str(tiny_project))
     # nothing registered, nothing purged, no tombstone
     assert [v.version for v in tracker.versions()] == before and tracker.alias().version == before[-1]
-    assert read_tombstone(store, "client_00") is None
-    assert len(list_client_objects(store, "client_00")) == 3  # its update, running sum and staged shard
+    assert read_tombstone(store, "tiny", "client_00") is None
+    assert len(left(tracker, history, "client_00")) == 3  # its update, running sum and staged shard
 
 
 @pytest.mark.parametrize("teacher", ["none", "global-model"])
@@ -156,13 +163,13 @@ def test_a_crash_after_registration_is_finished_by_the_next_run(tiny_project, mo
     monkeypatch.setattr(module, "tombstone_task", crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
         module.unlearn(client_id="client_02", project=str(tiny_project), overrides={"unlearn.teacher": "none"})
-    tracker, store, _ = context(tiny_project)
+    tracker, store, history = context(tiny_project)
     registered = tracker.find_versions(kind="unlearned", forgotten_client="client_02")
-    assert len(registered) == 1 and read_tombstone(store, "client_02") is None
+    assert len(registered) == 1 and read_tombstone(store, "tiny", "client_02") is None
     monkeypatch.setattr(module, "tombstone_task", real)
     # Execute: the same request again
     result = module.unlearn(client_id="client_02", project=str(tiny_project), overrides={"unlearn.teacher": "none"})
     # Assert: finished, not redone
     assert result["status"] == "completed" and result["version"] == registered[0].version
-    assert read_tombstone(store, "client_02") is not None and list_client_objects(store, "client_02") == []
+    assert read_tombstone(store, "tiny", "client_02") is not None and left(tracker, history, "client_02") == []
     assert len(tracker.find_versions(kind="unlearned", forgotten_client="client_02")) == 1

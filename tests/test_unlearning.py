@@ -17,9 +17,9 @@ from components.lineage.history import UpdateHistory
 from components.lineage.store import IntegrityError, LocalStore
 from components.models.students import ModelSpec
 from components.unlearning.forget import forget_client
+from components.unlearning.purge import stored_client_objects
 from components.unlearning.tombstones import (
-    list_client_objects,
-    purge_client,
+    delete_objects,
     read_tombstone,
     tombstoned_clients,
     validate_client_id,
@@ -190,24 +190,27 @@ def test_a_tampered_running_sum_is_refused(tmp_path):
 
 def test_purge_and_tombstone(tmp_path):
     store = LocalStore(tmp_path)
-    _history, refs, _ = federate(store, SCHEDULE)
-    keys = [r.key for r in list_client_objects(store, "A")]
-    assert len(keys) == 6  # 3 updates + 3 running sums
-    purged = purge_client(store, "A")
-    assert sorted(p.key for p in purged) == sorted(keys) and list_client_objects(store, "A") == []
+    history, refs, _ = federate(store, SCHEDULE)
+    purged = stored_client_objects(history, [refs[-1]], "A")  # what the manifests say holds A
+    assert len(purged) == 6  # 3 updates + 3 running sums
+    delete_objects(store, purged)
+    assert stored_client_objects(history, [refs[-1]], "A") == []
+    assert stored_client_objects(history, [refs[-1]], "B") != []  # nobody else's
     ref = write_tombstone(
-        store, client_id="A", request_id="del-1", source_version="4", resulting_version="5",
+        store, model="m", client_id="A", request_id="del-1", source_version="4", resulting_version="5",
         variant="subtract", unlearning_manifest=refs[-1], purged=purged,
     )  # fmt: skip
     again = write_tombstone(
-        store, client_id="A", request_id="del-2", source_version="4", resulting_version="6",
+        store, model="m", client_id="A", request_id="del-2", source_version="4", resulting_version="6",
         variant="subtract", unlearning_manifest=refs[-1], purged=[],
     )  # fmt: skip
     assert ref == again  # the first record stands
-    record = read_tombstone(store, "A")
+    record = read_tombstone(store, "m", "A")
     assert record["request_id"] == "del-1" and len(record["purged"]) == 6
-    assert "sha256" in record["purged"][0] and tombstoned_clients(store) == {"A"}
-    assert read_tombstone(store, "B") is None
+    assert "sha256" in record["purged"][0] and tombstoned_clients(store, "m") == {"A"}
+    assert read_tombstone(store, "m", "B") is None
+    # scoped: another model's client of the same id is not forgotten
+    assert read_tombstone(store, "other", "A") is None and tombstoned_clients(store, "other") == set()
 
 
 @pytest.mark.parametrize("bad", ["../A", "a/b", "", "A B", "x" * 65, "-lead"])

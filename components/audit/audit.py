@@ -16,21 +16,26 @@ the running-sum index of the version's manifest.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from components.core.refs import ObjectRef, sha256_bytes
+from components.core.serialize import state_from_bytes
+from components.core.state import weights_digest
 from components.federation.protocol import UnlearningError
-from components.lineage.history import manifest_objects
+from components.lineage.history import manifest_objects, object_owners
 from components.lineage.manifests import Manifest, RoundManifest, UnlearningManifest, manifest_from_bytes
 from components.lineage.retention import dropped_objects
 from components.lineage.store import ObjectNotFound, ObjectStore, StoreError
 from components.lineage.tags import expected_version_tags
-from components.unlearning.guard import start_clients
+from components.unlearning.guard import forgotten_clients, start_clients, unlearning_manifests
 from components.unlearning.retire import read_retirements
-from components.unlearning.tombstones import read_tombstone, tombstoned_clients
+from components.unlearning.tombstones import TOMBSTONE_PREFIX
+
+# The served model's weights digest over the given keys (None: the registry serves no weights for it).
+ServedWeights = Callable[[list[str]], str | None]
 
 REPORT_SCHEMA = "fedforget/audit-report@1"
 
@@ -157,16 +162,23 @@ class AuditReport:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
-def read_tombstones(store: ObjectStore) -> dict[str, dict[str, Any]]:
-    """Every tombstone, by client id (unreadable ones are skipped: the audit reports purges it cannot explain)."""
+def read_tombstones(store: ObjectStore, model: str | None = None) -> dict[str, dict[str, Any]]:
+    """Every tombstone of ``model`` (``None``: of every model) and every unscoped legacy one, by client id
+    (unreadable ones are skipped: the audit reports purges it cannot explain). Each carries its ``_key``
+    and ``_sha256``."""
     tombstones = {}
-    for client_id in tombstoned_clients(store):
+    for key in store.list(TOMBSTONE_PREFIX):
+        parts = key[len(TOMBSTONE_PREFIX) :].split("/")
+        if not key.endswith(".json") or len(parts) > 2 or (len(parts) == 2 and model not in (None, parts[0])):
+            continue
         try:
-            record = read_tombstone(store, client_id)
+            data = store.get(key)
+            record = json.loads(data)
         except (StoreError, ValueError, UnlearningError):
             continue
-        if record is not None:
-            tombstones[client_id] = record
+        client_id = parts[-1].removesuffix(".json")
+        if len(parts) == 2 or client_id not in tombstones:  # a scoped record wins over a legacy one
+            tombstones[client_id] = {**record, "_key": key, "_sha256": sha256_bytes(data)}
     return tombstones
 
 
@@ -176,21 +188,25 @@ class _Auditor:
         self.store = store
         self.versions = versions_by_manifest
         self.tombstones = tombstones
-        # Deletions a record explains: key -> (status, request id, the hash recorded before deleting).
+        # Deletions a record explains: key -> (status, request id, the hash recorded before deleting, client).
         self.explained = {
-            p["key"]: ("purged", record.get("request_id"), p["sha256"])
+            p["key"]: ("purged", record.get("request_id"), p["sha256"], record.get("client_id"))
             for record in tombstones.values()
             for p in record.get("purged", [])
         }
         for record in retirements:
             for state in record.get("states", []):
-                self.explained.setdefault(state["key"], ("retired", record.get("request_id"), state["sha256"]))
+                self.explained.setdefault(
+                    state["key"], ("retired", record.get("request_id"), state["sha256"], record.get("client_id"))
+                )
         for key, item in dropped_objects(store).items():
-            self.explained.setdefault(key, ("dropped", item.get("reason"), item["sha256"]))
+            self.explained.setdefault(key, ("dropped", item.get("reason"), item["sha256"], None))
         self.checked: dict[str, ObjectCheck] = {}
         self.findings: list[Finding] = []
+        # (what, key, owner, status, request id, client named by the record): checked against the lineage at the end
+        self.claims: list[tuple[str, str, str | None, str, str | None, str | None]] = []
 
-    def check_object(self, what: str, ref: ObjectRef) -> None:
+    def check_object(self, what: str, ref: ObjectRef, owner: str | None = None) -> None:
         if ref.key in self.checked:
             return
         try:
@@ -198,8 +214,10 @@ class _Auditor:
         except ObjectNotFound:
             explained = self.explained.get(ref.key)
             if explained is not None:
-                status, request_id, recorded = explained
+                status, request_id, recorded, named = explained
                 check = ObjectCheck(what, ref.key, ref.sha256, status, purged_by=request_id, tombstone_sha256=recorded)
+                if status != "dropped":
+                    self.claims.append((what, ref.key, owner, status, request_id, named))
                 if recorded != ref.sha256:
                     self.findings.append(Finding(
                         "object_mismatch", f"{what}: the {status} record has sha256 {recorded[:12]}..., "
@@ -257,8 +275,23 @@ class _Auditor:
                 ))  # fmt: skip
 
     def check_manifest_objects(self, manifest: Manifest) -> None:
+        owners = object_owners(manifest)
         for what, ref in manifest_objects(manifest):
-            self.check_object(what, ref)
+            self.check_object(what, ref, owners.get(ref.key))
+
+    def check_claims(self, deletions: set[tuple[str, str]], lineage_clients: set[str]) -> None:
+        """A record explains a missing object only if it names the object's own client (purged objects), a
+        client of this lineage (retired states), and a deletion of that client by that request."""
+        for what, key, owner, status, request_id, named in self.claims:
+            if status == "purged" and owner is not None and named != owner:
+                problem = f"the tombstone that lists it is {named}'s, but the object is {owner}'s"
+            elif status == "retired" and named not in lineage_clients:
+                problem = f"the retirement record names {named}, who is not in this lineage"
+            elif (str(named), str(request_id)) not in deletions:
+                problem = f"no deletion of {named} by request {request_id} is recorded for this model"
+            else:
+                continue
+            self.findings.append(Finding("record_mismatch", f"{what}: {key} is missing and {problem}", key))
 
 
 def audit(
@@ -268,14 +301,17 @@ def audit(
     versions_by_manifest: Mapping[str, Mapping[str, str]],
     client: str | None = None,
     model: str | None = None,
+    served_weights: ServedWeights | None = None,
 ) -> AuditReport:
     """Audit ``version`` (its registry ``tags``) against the archive in ``store``.
 
     ``versions_by_manifest`` maps each registered version's ``manifest_key`` to
     its tags (plus ``_version``), so manifests can be named by version; ``model``
-    is the registered model's name (retirement records name theirs).
+    is the registered model's name (deletion records are scoped by it);
+    ``served_weights`` computes the digest of the weights the registry serves
+    for ``version``, which must equal the archived state's.
     """
-    tombstones = read_tombstones(store)
+    tombstones = read_tombstones(store, model)
     retirements = read_retirements(store)
     auditor = _Auditor(store, versions_by_manifest, tombstones, retirements)
     kind = tags.get("kind", "?")
@@ -283,7 +319,10 @@ def audit(
     # versions of this registered model (``model``: None reads every record; unnamed, older records count as its)
     mine = [r for r in retirements if model is None or r.get("model") in (None, model)]
     retired = sorted({v for r in mine for v in r.get("versions", [])}, key=int)
-    report = AuditReport(version, kind, key or "", [], [], auditor.findings, sorted(tombstones), retired, client)
+    registry = {t["forgotten_client"]: {"source": "registry", "request_id": t.get("request_id")}
+                for t in registry_tags(versions_by_manifest)}  # fmt: skip
+    forgotten = forgotten_clients(store, model, also=registry) if model else {**registry, **tombstones}
+    report = AuditReport(version, kind, key or "", [], [], auditor.findings, sorted(forgotten), retired, client)
     if not key or not sha:
         auditor.findings.append(Finding("tag_mismatch", f"version {version} has no manifest_key/manifest_sha256 tag"))
         report.objects = list(auditor.checked.values())
@@ -328,6 +367,8 @@ def audit(
                 "teacher_run_id": manifest.recovery.get("teacher_run_id"),
                 "data_version": manifest.data_version,
             }
+            node.deletion["guarantee"] = manifest.guarantee or "unrecorded"
+            _check_tombstone_binding(auditor, manifest, tags_here, tombstones)
             if manifest.recovery.get("teacher") == "global-model":
                 auditor.findings.append(Finding(
                     "tainted_teacher", f"the deletion of {manifest.forgotten_client} (request {manifest.request_id}) "
@@ -356,7 +397,7 @@ def audit(
             present.discard(node.deletion["client_id"])
         present |= {c["client_id"] for c in node.clients} | started
         node.present_clients = sorted(present)
-        node.contains_forgotten_clients = sorted(present & set(tombstones))
+        node.contains_forgotten_clients = sorted(c for c in present if c in forgotten)
 
     if chain and (chain[0][1].sums or chain[0][1].protocol.get("name") == "weights"):
         index = set(chain[0][1].sums) | started
@@ -364,8 +405,71 @@ def audit(
             auditor.findings.append(Finding(
                 "index_mismatch", f"the running-sum index of version {version} lists {sorted(index)}, "
                 f"the lineage says {sorted(present)}", chain[0][0].key))  # fmt: skip
+    deletions = {(m.forgotten_client, m.request_id) for m in unlearning_manifests(store)
+                 if model is None or m.registered_model in (None, model)}  # fmt: skip
+    deletions |= {(t["forgotten_client"], t.get("request_id", "")) for t in registry_tags(versions_by_manifest)}
+    lineage_clients = {c["client_id"] for n in nodes for c in n.clients} | started
+    auditor.check_claims(deletions, lineage_clients | {f"{model}/{c}" for c in lineage_clients})
+    if chain and served_weights is not None:
+        _check_served(auditor, store, version, chain[0][1], served_weights, version in retired)
     report.nodes = nodes
     report.objects = list(auditor.checked.values())
     if client is not None:
         report.client_present = client in present
     return report
+
+
+def registry_tags(versions_by_manifest: Mapping[str, Mapping[str, str]]) -> list[Mapping[str, str]]:
+    """The tags of every registered deletion version."""
+    return [t for t in versions_by_manifest.values() if t.get("kind") == "unlearned" and t.get("forgotten_client")]
+
+
+def _check_tombstone_binding(
+    auditor: _Auditor, manifest: UnlearningManifest, tags: Mapping[str, str] | None,
+    tombstones: Mapping[str, Mapping[str, Any]],
+) -> None:  # fmt: skip
+    """The registry binds a deletion's tombstone by its sha256 (a second system): a forged, swapped or
+    removed tombstone disagrees with it."""
+    bound = (tags or {}).get("tombstone_sha256")
+    if not bound:
+        return
+    record = tombstones.get(manifest.forgotten_client)
+    if record is None:
+        auditor.findings.append(Finding(
+            "tombstone_mismatch", f"the deletion of {manifest.forgotten_client} (request {manifest.request_id}) "
+            f"is bound to tombstone sha256 {bound[:12]}..., and the tombstone is missing"))  # fmt: skip
+    elif record["_sha256"] != bound or record.get("request_id") != manifest.request_id:
+        auditor.findings.append(Finding(
+            "tombstone_mismatch", f"the tombstone of {manifest.forgotten_client} ({record['_key']}) has sha256 "
+            f"{record['_sha256'][:12]}... and request {record.get('request_id')}; the registry bound "
+            f"{bound[:12]}... of request {manifest.request_id}", record["_key"]))  # fmt: skip
+
+
+def _check_served(
+    auditor: _Auditor, store: ObjectStore, version: str, manifest: Manifest, served: ServedWeights, retired: bool
+) -> None:
+    """The weights the registry serves for ``version`` must be the archived state its manifest names."""
+    try:
+        archived, _ = state_from_bytes(store.get_verified(manifest.global_state))
+    except StoreError:
+        return  # the object check already reported it (missing, changed, or retired)
+    keys = sorted(archived)
+    try:
+        digest = served(keys)
+    except Exception as exc:  # an artifact that does not load, or lacks the archived weights
+        auditor.findings.append(Finding(
+            "served_weights_mismatch", f"version {version}: the registry's model could not be read for "
+            f"comparison ({type(exc).__name__}: {exc})"))  # fmt: skip
+        return
+    if digest is None:
+        if not retired:
+            auditor.findings.append(Finding(
+                "served_weights_mismatch", f"version {version}: the registry serves no weights for it, "
+                "and no retirement record says why"))  # fmt: skip
+        return
+    expected = weights_digest(archived)
+    if digest != expected:
+        auditor.findings.append(Finding(
+            "served_weights_mismatch", f"version {version}: the weights the registry serves (digest "
+            f"{digest[:12]}...) are not the archived state {manifest.global_state.key} (digest {expected[:12]}...)",
+            manifest.global_state.key))  # fmt: skip

@@ -246,6 +246,8 @@ class UnlearnConfig(Section):
     force_teacher: bool = False
     retire_tainted: Literal["tag", "delete-weights"] = "delete-weights"
     seed: int = 0
+    # a forgetting method that keeps part of the client's direct contribution runs only when opted in
+    allow_approximate: bool = False
 
 
 class TeacherConfig(Section):
@@ -336,6 +338,8 @@ class OperationsConfig(Section):
     model_write_limit: str = "fedforget-model-writes"  # Prefect global concurrency limit (1 slot)
     sweep_interval_s: float = Field(30.0, gt=0)
     sweep_grace_s: float = Field(60.0, ge=0)
+    retry_base_s: float = Field(60.0, ge=0)  # a failed deletion runs again after this, doubling each time
+    retry_max_attempts: int = Field(5, ge=1)  # then it stays failed, for a person to look at
     deployment_prefix: str = "fedforget"
 
     @field_validator("retrain_cron")

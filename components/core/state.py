@@ -136,3 +136,21 @@ def max_abs_difference(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tens
 def total_numel(states: Iterable[Mapping[str, torch.Tensor]]) -> int:
     """Number of scalar entries over several states (for size reports)."""
     return sum(v.numel() for s in states for v in s.values())
+
+
+def weights_digest(state: Mapping[str, torch.Tensor], keys: Iterable[str] | None = None) -> str:
+    """The sha256 of a state's tensors (names, dtypes, shapes and bytes, sorted by name).
+
+    It names the weights themselves, whatever file format holds them, so the
+    archive's safetensors and the registry's exported model can be compared.
+    ``keys`` restricts it to those entries (an exported model may carry more:
+    constants of a frozen tower); a missing key raises ``KeyError``.
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(state if keys is None else keys):
+        tensor = state[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()

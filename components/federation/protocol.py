@@ -45,6 +45,14 @@ class UnlearningError(ValueError):
     """A deletion request that cannot be carried out as asked (nothing was changed)."""
 
 
+# What a deletion removes, strongest first (every deletion records the one it gave):
+# replay: equivalent to retraining without the client from its first round (same seeds);
+# contributions: every recorded contribution of the client removed exactly, its indirect influence through
+#   later rounds that started from models holding it remains (the seed paper's method);
+# approximate: part of the client's direct contribution remains (opt-in only).
+GUARANTEES = ("replay", "contributions", "approximate")
+
+
 @dataclass(frozen=True)
 class ForgetResult:
     """The state without the client and what changed in the lineage's bookkeeping."""
@@ -196,6 +204,12 @@ class Protocol(ABC):
         self, history: UpdateHistory, source: ObjectRef, manifest: Manifest, client_id: str, variant: str
     ) -> ForgetResult:
         """Remove ``client_id`` from the version at ``source`` (produced by this protocol)."""
+
+    def guarantee(self, variant: str) -> str:
+        """The level (:data:`GUARANTEES`) :meth:`forget` gives with ``variant``. By default every recorded
+        contribution is removed exactly (``contributions``); protocols whose forget keeps part of the
+        client's direct contribution say ``approximate``."""
+        return "contributions"
 
     def served_model(self, history: UpdateHistory, manifest: Manifest, client_id: str) -> tuple[ModelSpec, StateDict]:
         """The model ``client_id`` serves at this version (``fedforget export --client``): by default the

@@ -268,13 +268,16 @@ class UpdateHistory:
         metrics: Mapping[str, float],
         server_state: Mapping[str, torch.Tensor] | None = None,
         objects: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+        registered_model: str | None = None,
+        guarantee: str | None = None,
     ) -> tuple[ObjectRef, UnlearningManifest]:
         """Archive a deletion: the forgotten and final states, changed sums, the manifest last.
 
         ``server_state`` replaces the source's carried server state when the
         protocol's forget rebuilt it (ensemble distillation: the architectures'
         models without the client), so a federation resumed from this deletion
-        starts without the client; ``objects`` are the forget step's own records.
+        starts without the client; ``objects`` are the forget step's own records;
+        ``registered_model`` scopes the client id, ``guarantee`` is the level given.
         """
         prefix = self.unlearning_prefix(request_id)
         model = source_manifest.model
@@ -324,6 +327,8 @@ class UpdateHistory:
             server_state=carried,
             objects=own,
             personal={cid: ref for cid, ref in source_manifest.personal.items() if cid != client_id},
+            registered_model=registered_model,
+            guarantee=guarantee,
         )
         ref, committed = self._commit_manifest(f"{prefix}manifest.json", manifest)
         if not isinstance(committed, UnlearningManifest):
@@ -374,6 +379,22 @@ def manifest_objects(manifest: Manifest) -> list[tuple[str, ObjectRef]]:
     refs += [(f"running sum of {cid}", ref) for cid, ref in sorted(manifest.sums.items())]
     refs += [(f"personal state of {cid}", ref) for cid, ref in sorted(manifest.personal.items())]
     return refs
+
+
+def object_owners(manifest: Manifest) -> dict[str, str]:
+    """key -> the client whose data or contribution the object holds, for a manifest's per-client objects
+    (uploads, applied updates, per-client records, running sums, personal states, a deletion's removed sum)."""
+    owners: dict[str, str] = {}
+    if isinstance(manifest, RoundManifest):
+        for c in manifest.clients:
+            for ref in (c.update, c.upload, *c.objects.values()):
+                if ref is not None:
+                    owners[ref.key] = c.client_id
+    else:
+        owners[manifest.removed.key] = manifest.forgotten_client
+    owners |= {ref.key: cid for cid, ref in manifest.sums.items()}
+    owners |= {ref.key: cid for cid, ref in manifest.personal.items()}
+    return owners
 
 
 def verify_manifest(store: ObjectStore, manifest: Manifest) -> list[str]:

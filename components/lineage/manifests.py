@@ -203,6 +203,8 @@ class UnlearningManifest:
     server_state: ObjectRef | None = None  # the source's, carried on unchanged
     personal: Mapping[str, ObjectRef] = field(default_factory=dict)  # the source's, minus the client
     objects: Mapping[str, ObjectRef] = field(default_factory=dict)  # the forget step's own records
+    registered_model: str | None = None  # the model whose client this is (None: written before scoping)
+    guarantee: str | None = None  # replay | contributions | approximate (None: written before levels)
 
     client_ids: tuple[str, ...] = ()  # nobody trains in a deletion
 
@@ -231,6 +233,8 @@ class UnlearningManifest:
             "data_version": self.data_version,
             "created_at": self.created_at,
             "metrics": dict(self.metrics),
+            "registered_model": self.registered_model,
+            "guarantee": self.guarantee,
         }
 
     def to_bytes(self) -> bytes:
@@ -263,6 +267,8 @@ class UnlearningManifest:
             server_state=_ref(data.get("server_state")),
             personal=_refs(data.get("personal") or {}),
             objects=_refs(data.get("objects") or {}),
+            registered_model=data.get("registered_model"),
+            guarantee=data.get("guarantee"),
         )
 
 

@@ -29,6 +29,8 @@ CONTAINS_TAG = "contains_forgotten_clients"  # the version's lineage holds these
 REJECTED_TAG = "rejected"  # the evaluation gate refused to promote it (the reason)
 RETIRED_TAG = "retired"  # its weights were deleted because its lineage holds a forgotten client
 TEACHER_TAINT_TAG = "teacher_contains_forgotten_client"  # recovered with a teacher that saw the client
+TOMBSTONE_TAG = "tombstone_sha256"  # a deletion's version: its tombstone's hash, bound in a second system
+FORGETTING_TAG = "forgetting"  # a deletion's version: the guarantee it gave (replay | contributions | approximate)
 
 
 def privacy_tags(epsilon: float, delta: float, noise_multiplier: float) -> dict[str, str]:
@@ -73,10 +75,12 @@ def unlearned_version_tags(
     server_round: int,
     manifest: ObjectRef,
     metrics: Mapping[str, float],
+    guarantee: str,
 ) -> dict[str, str]:
     """The lineage tags of a version produced by a deletion (plus its verification metrics)."""
     tags = {
         "kind": "unlearned",
+        FORGETTING_TAG: guarantee,
         "forgotten_client": client_id,
         "request_id": request_id,
         "source_version": source_version,
@@ -108,13 +112,17 @@ def expected_version_tags(ref: ObjectRef, manifest: Manifest, parent_version: st
             "federation_id": manifest.federation_id,
             "clients": ",".join(sorted(manifest.client_ids)),
         }
-    return expected | {
-        "kind": "unlearned",
-        "forgotten_client": manifest.forgotten_client,
-        "request_id": manifest.request_id,
-        "source_version": manifest.source_version,
-        "forgetting_variant": manifest.variant,
-    }
+    return (
+        expected
+        | ({FORGETTING_TAG: manifest.guarantee} if manifest.guarantee else {})
+        | {
+            "kind": "unlearned",
+            "forgotten_client": manifest.forgotten_client,
+            "request_id": manifest.request_id,
+            "source_version": manifest.source_version,
+            "forgetting_variant": manifest.variant,
+        }
+    )
 
 
 def manifest_ref_from_tags(tags: Mapping[str, str]) -> ObjectRef:

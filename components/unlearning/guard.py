@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Collection, Mapping
+from typing import Any
 
 from components.core.refs import ObjectRef
 from components.federation.protocol import UnlearningError
 from components.lineage.history import UpdateHistory
-from components.lineage.manifests import Manifest, UnlearningManifest
+from components.lineage.manifests import Manifest, UnlearningManifest, manifest_from_bytes
 from components.lineage.store import ObjectStore
-from components.unlearning.tombstones import read_tombstone, tombstoned_clients
+from components.unlearning.tombstones import intended_clients, read_intent, read_tombstone, tombstoned_clients
+
+Forgotten = Mapping[str, Mapping[str, Any]]  # client id -> what records its deletion (source, request id, version)
 
 
 class TaintedLineageError(UnlearningError):
@@ -95,37 +99,99 @@ def present_clients(history: UpdateHistory, manifest_ref: ObjectRef) -> frozense
 
 
 def start_clients(manifest: Manifest) -> set[str]:
-    """Clients in a model through its starting point: a registered student a few-shot federation started
-    from holds its pretraining clients, and no deletion in the derived lineage can take them out."""
-    return {str(c) for c in (manifest.protocol.get("start") or {}).get("clients") or []}
+    """Clients in a model through its starting point, as ``<model>/<client>``: a registered student a few-shot
+    federation started from holds its pretraining clients, and no deletion in the derived lineage can take
+    them out. The prefix keeps them apart from the derived federation's own clients of the same id."""
+    start = manifest.protocol.get("start") or {}
+    model = start.get("model")
+    return {f"{model}/{c}" if model else str(c) for c in start.get("clients") or []}
 
 
-def forgotten_in(history: UpdateHistory, store: ObjectStore, manifest_ref: ObjectRef) -> list[str]:
-    """The tombstoned clients still present in the model at ``manifest_ref`` (sorted)."""
-    tombstones = tombstoned_clients(store)
-    if not tombstones:
-        return []
-    return sorted(present_clients(history, manifest_ref) & tombstones)
+def unlearning_manifests(store: ObjectStore) -> list[UnlearningManifest]:
+    """Every deletion manifest in the store (``unlearning/<request>/manifest.json``); unreadable ones skipped."""
+    found = []
+    for key in store.list("unlearning/"):
+        parts = key.split("/")
+        if len(parts) == 3 and parts[2] == "manifest.json":
+            try:
+                manifest = manifest_from_bytes(store.get(key))
+            except (ValueError, KeyError):
+                continue
+            if isinstance(manifest, UnlearningManifest):
+                found.append(manifest)
+    return found
+
+
+def forgotten_clients(store: ObjectStore, model: str, also: Forgotten | None = None) -> dict[str, dict[str, Any]]:
+    """Every client deleted (or being deleted) from ``model``, by any of the records that say so.
+
+    Three records in the store, each enough on its own: the tombstone, the
+    intent written before the deletion registered anything, and the deletion's
+    own manifest; ``also`` adds records from elsewhere (the registry's
+    ``unlearned`` versions). Removing one record reopens nothing.
+    """
+    found: dict[str, dict[str, Any]] = {}
+    for client_id in sorted(tombstoned_clients(store, model)):
+        record = read_tombstone(store, model, client_id) or {}
+        found[client_id] = {"source": "tombstone", "request_id": record.get("request_id"),
+                            "version": record.get("resulting_version")}  # fmt: skip
+    for client_id in sorted(intended_clients(store, model) - set(found)):
+        record = read_intent(store, model, client_id) or {}
+        found[client_id] = {"source": "intent", "request_id": record.get("request_id"), "version": None}
+    for manifest in unlearning_manifests(store):
+        if manifest.registered_model in (None, model):  # an unscoped (older) manifest counts everywhere
+            found.setdefault(manifest.forgotten_client, {"source": "deletion manifest",
+                             "request_id": manifest.request_id, "version": None})  # fmt: skip
+    for client_id, record in (also or {}).items():
+        found.setdefault(client_id, dict(record))
+    return found
+
+
+def forgotten_in(
+    history: UpdateHistory, store: ObjectStore, manifest_ref: ObjectRef, model: str, forgotten: Forgotten | None = None
+) -> list[str]:
+    """The forgotten clients still present in the model at ``manifest_ref`` (sorted).
+
+    ``forgotten`` is :func:`forgotten_clients` of ``model`` (read when not
+    given). Clients of a registered starting point (``<model>/<client>``) are
+    checked against their own model's records.
+    """
+    present = present_clients(history, manifest_ref)
+    forgotten = forgotten_clients(store, model) if forgotten is None else forgotten
+    tainted = {c for c in present if "/" not in c and c in forgotten}
+    others: dict[str, dict[str, Any]] = {}
+    for qualified in present - tainted:
+        if "/" in qualified:
+            other, client_id = qualified.split("/", 1)
+            if other not in others:
+                others[other] = forgotten_clients(store, other)
+            if client_id in others[other]:
+                tainted.add(qualified)
+    return sorted(tainted)
 
 
 def check_clean(
-    history: UpdateHistory, store: ObjectStore, manifest_ref: ObjectRef, version: str, action: str, remedy: str
-) -> None:
+    history: UpdateHistory, store: ObjectStore, manifest_ref: ObjectRef, version: str, action: str, remedy: str,
+    model: str, forgotten: Forgotten | None = None, allow: Collection[str] = (),
+) -> None:  # fmt: skip
     """Refuse (``TaintedLineageError``) a version whose lineage holds a forgotten client.
 
     ``action`` says what was refused (e.g. "resume training from"), ``remedy``
     how to proceed; the message names the clients, their deletion requests and
-    the versions those deletions produced.
+    the versions those deletions produced. ``allow`` names clients the caller
+    is removing itself (a deletion resumed after a failure).
     """
-    tainted = forgotten_in(history, store, manifest_ref)
+    forgotten = forgotten_clients(store, model) if forgotten is None else forgotten
+    tainted = [c for c in forgotten_in(history, store, manifest_ref, model, forgotten) if c not in allow]
     if not tainted:
         return
     details = []
     for client_id in tainted:
-        record = read_tombstone(store, client_id) or {}
+        record = forgotten.get(client_id, {})
+        state = "being forgotten" if record.get("source") == "intent" else "forgotten"
         details.append(
-            f"{client_id} (forgotten by request {record.get('request_id', '?')}, "
-            f"deletion version {record.get('resulting_version', '?')})"
+            f"{client_id} ({state} by request {record.get('request_id') or '?'}, "
+            f"deletion version {record.get('version') or '?'})"
         )
     raise TaintedLineageError(
         f"refusing to {action} version {version}: its lineage still contains forgotten client(s) "

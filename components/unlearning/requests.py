@@ -7,6 +7,14 @@ idempotent (a forgotten client stays forgotten), so a request dispatched twice
 is applied once.
 
 Status: pending -> running -> done (with the resulting version) | failed (with the reason).
+A failed request is started again by the sweep, with exponential backoff, up to
+a number of attempts (:meth:`RequestBook.retryable`): a deletion that failed
+half-way (a store outage after its version was registered) is completed, never
+left for a retraining to undo.
+
+A client id means something only inside one data partition, so a request names
+the registered model it is for (``model``); ``serve`` runs it under that
+model's params profile.
 """
 
 from __future__ import annotations
@@ -53,8 +61,9 @@ class DeletionRequest:
     reason: str | None = None
     version: str | None = None  # the unlearned version, once done
     error: str | None = None  # why it failed
-    dispatches: int = 0  # how often the sweep had to start it (lost events)
+    dispatches: int = 0  # how often the sweep had to start it (lost events, retries after a failure)
     history: tuple[dict[str, str], ...] = field(default_factory=tuple)
+    model: str | None = None  # the registered model the client belongs to (None: filed before scoping)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -67,7 +76,12 @@ class DeletionRequest:
 
     @property
     def resource_id(self) -> str:
-        return f"{RESOURCE_PREFIX}{self.client_id}"
+        return f"{RESOURCE_PREFIX}{self.model}.{self.client_id}" if self.model else f"{RESOURCE_PREFIX}{self.client_id}"
+
+    @property
+    def failures(self) -> int:
+        """How often a run of this request failed."""
+        return sum(1 for entry in self.history if entry.get("status") == "failed")
 
 
 class RequestError(ValueError):
@@ -123,9 +137,13 @@ class RequestBook:
         open_ = [r for r in found if r.status in OPEN_STATUSES]
         return sorted(open_, key=lambda r: (parse_time(r.created_at), r.request_id))
 
-    def file(self, client_id: str, reason: str | None = None, request_id: str | None = None) -> DeletionRequest:
-        """Record a new pending request (before any event announces it)."""
+    def file(
+        self, client_id: str, reason: str | None = None, request_id: str | None = None, model: str | None = None
+    ) -> DeletionRequest:
+        """Record a new pending request for ``client_id`` of registered ``model`` (before any event announces it)."""
         validate_client_id(client_id)
+        if model is not None:
+            validate_id(model, "registered model name")
         self._ensure_index()
         request_id = request_id or new_request_id()
         if self.store.exists(self.key(request_id)):
@@ -133,7 +151,7 @@ class RequestBook:
         now = _now()
         request = DeletionRequest(
             request_id, client_id, "pending", now, now, reason=reason,
-            history=({"status": "pending", "at": now},),
+            history=({"status": "pending", "at": now},), model=model,
         )  # fmt: skip
         return self._write(request)
 
@@ -150,9 +168,9 @@ class RequestBook:
                 requests.append(DeletionRequest.from_dict(json.loads(self.store.get(key))))
         return sorted(requests, key=lambda r: (parse_time(r.created_at), r.request_id))
 
-    def open_for(self, client_id: str) -> DeletionRequest | None:
-        """A pending or running request for the client, if there is one."""
-        return next((r for r in self.open_requests() if r.client_id == client_id), None)
+    def open_for(self, client_id: str, model: str | None = None) -> DeletionRequest | None:
+        """A pending or running request for the client of ``model``, if there is one."""
+        return next((r for r in self.open_requests() if r.client_id == client_id and r.model == model), None)
 
     def move(self, request_id: str, status: str, **fields: Any) -> DeletionRequest:
         """Move a request to ``status`` (checked against the allowed transitions)."""
@@ -185,3 +203,16 @@ class RequestBook:
             waited = (now - parse_time(request.updated_at)).total_seconds()
             if request.status == "pending" and waited >= older_than_s * (1 + request.dispatches):
                 yield request
+
+    def retryable(self, base_s: float, max_attempts: int, now: datetime | None = None) -> list[DeletionRequest]:
+        """Failed requests due for another run: ``base_s * 2**(failures - 1)`` after their last failure, while
+        they have failed fewer than ``max_attempts`` times (then they stay failed, for a person to look at)."""
+        now = now or datetime.now(UTC)
+        due = []
+        for request in self.all():
+            if request.status != "failed" or request.failures >= max_attempts:
+                continue
+            waited = (now - parse_time(request.updated_at)).total_seconds()
+            if waited >= base_s * 2 ** max(0, request.failures - 1):
+                due.append(request)
+        return due

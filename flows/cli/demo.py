@@ -60,7 +60,12 @@ def demo(verbose: VerboseOpt = False) -> None:
 
     runtime = Runtime.from_env()
     out.print(f"champion: models:/{_model_name(QUICK_PROFILE)}@champion = version {result['version']}")
-    out.print(f"tombstone: {summary['store']}/tombstones/{target}.json")
+    out.print(f"tombstone: {summary['store']}/tombstones/{_model_name(QUICK_PROFILE)}/{target}.json")
+    if result.get("receipt"):
+        out.print(
+            f"signed receipt: {summary['store']}/receipts/{_model_name(QUICK_PROFILE)}/{result['request_id']}.json"
+            " (check it: fedforget receipt verify FILE)"
+        )
     out.print(f"audit report: {checked['files']['markdown']}")
     out.print(f"update archive: {summary['store']}/federations/{summary['federation_id']}/")
     out.print(f"MLflow: mlflow ui --backend-store-uri {summary['tracking_uri']}")
@@ -112,9 +117,10 @@ def _unlearn_via_serve(client: str, profile: str, timeout_s: float = 600) -> dic
             time.sleep(1)
     if current.status == "failed":
         raise UsageError(f"request {request.request_id} failed: {current.error}")
-    tracker = Tracker(runtime, load_config(runtime.params_path, profile).registry)
+    registry = load_config(runtime.params_path, profile).registry
+    tracker = Tracker(runtime, registry)
     tags = tracker.version(current.version).tags
-    tombstone = read_tombstone(open_store(runtime.store), client) or {"purged": []}
+    tombstone = read_tombstone(open_store(runtime.store), registry.model_name, client) or {"purged": []}
     teacher_metrics = (
         tracker.run_metrics(tags["teacher_run_id"]) if tags.get("teacher_run_id", "none") != "none" else {}
     )

@@ -382,3 +382,41 @@ def teacher(
         f"{'reused' if result['reused'] else 'fitted'} for few-shot data {result['data_version'][:12]}: "
         f"few-shot val accuracy {m['val_accuracy']:.4f}, test-subset accuracy {m.get('test_accuracy', float('nan')):.4f}"
     )
+
+
+receipt_app = typer.Typer(help="Signed deletion receipts.", no_args_is_help=True)
+app.add_typer(receipt_app, name="receipt")
+
+
+@receipt_app.command("verify")
+def receipt_verify(
+    file: Annotated[Path, typer.Argument(help="the receipt (JSON) a deletion produced")],
+    public_key: Annotated[
+        Path | None, typer.Option(help="the operator's Ed25519 public key (PEM); default: the project's key")
+    ] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+) -> None:
+    """Check a deletion receipt: its signature, then every hash it names against the store and the registry.
+
+    Exit status: 0 valid, 3 it does not verify (each problem is listed), 2 usage (no such file, not a receipt).
+    """
+    quiet(False)
+
+    def run() -> dict[str, Any]:
+        from flows.receipts import verify_receipt_file
+
+        return verify_receipt_file(file, public_key)
+
+    result = run_verb(run)
+    if json_out:
+        out_console_json({k: v for k, v in result.items()})
+    else:
+        r = result["receipt"]
+        head = f"receipt {r.get('request_id')}: {r.get('client_id')} forgotten from {r.get('model')}"
+        if result["valid"]:
+            out.print(f"{head} -> version {r.get('new_version')} ({r.get('guarantee')}): [green]valid[/green]")
+        else:
+            out.print(f"{head}: [red]does not verify[/red]")
+            for problem in result["problems"]:
+                out.print(f"  - {problem}", highlight=False)
+    raise typer.Exit(0 if result["valid"] else 3)

@@ -37,11 +37,13 @@ architecture's average, where the subtraction is exact). An architecture left
 without clients leaves the ensemble. The remaining averages are the next
 rounds' starting points (which fuse again), and their ensemble is distilled
 again into the student. The student never saw client data, only the ensemble's
-outputs on the distillation set; by default (``forget_from: source``) it is
-re-distilled from the version's student for ``forget_epochs`` (cheap, keeps
-quality); ``forget_from: initial`` re-distils it from its initial state, so
-that nothing of the previous students remains, at a cost in accuracy that the
-unlearn flow's teacher then has to restore.
+outputs on the distillation set; by default (``forget_from: initial``) it is
+re-distilled from its initial state, so that nothing of the previous students
+(which learnt from the client in every round) remains: guarantee
+``contributions``, at a cost in accuracy that the unlearn flow's teacher then
+restores. ``forget_from: source`` re-distils from the version's student for
+``forget_epochs`` (cheap, keeps quality) but keeps part of the client's direct
+contribution: guarantee ``approximate``, opt-in only (``unlearn.allow_approximate``).
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ class EnsembleSettings:
     momentum: float = 0.9
     batch_size: int = 32
     forget_epochs: int = 5  # the student's re-distillation when a client is forgotten
-    forget_from: str = "source"  # the re-distilled student starts from: source (the version's) | initial
+    forget_from: str = "initial"  # the re-distilled student starts from: initial | source (approximate)
     fuse_architectures: bool = True  # FedDF: distil the ensemble back into every architecture each round
 
     def __post_init__(self) -> None:
@@ -243,6 +245,11 @@ class EnsembleDistillation(Protocol):
         return fused, detached(student), {"student_distill_loss": metrics["distill_loss"]}
 
     # ---- forgetting
+    def guarantee(self, variant: str) -> str:
+        """From the initial student, on ensembles without the client: ``contributions``. From the source
+        version's student, which learnt from the client in every round: ``approximate``."""
+        return "contributions" if self.settings.forget_from == "initial" else "approximate"
+
     def forget(
         self, history: UpdateHistory, source: ObjectRef, manifest: Manifest, client_id: str, variant: str
     ) -> HeteroForgetResult:
