@@ -86,3 +86,48 @@ def test_a_store_from_before_the_open_markers_gets_them_once(book):
         book.store.delete(key)
     assert book.open_for("client_05") == filed
     assert book.store.exists(book.OPEN_INDEX)
+
+
+def test_a_request_names_its_model_and_one_of_another_model_is_another_request(book):
+    mine = book.file("client_03", model="fedforget-quick")
+    assert mine.model == "fedforget-quick" and mine.resource_id == "fedforget.client.fedforget-quick.client_03"
+    assert book.open_for("client_03", "fedforget-quick") == mine
+    assert book.open_for("client_03", "fedforget-fewshot") is None  # same id, other partition
+    with pytest.raises(ValueError, match="invalid registered model name"):
+        book.file("client_03", model="../x")
+
+
+def test_a_failed_request_is_retried_with_backoff_up_to_a_limit(book):
+    request = book.file("client_04", model="m")
+    book.move(request.request_id, "running")
+    book.move(request.request_id, "failed", error="store outage")
+    now = datetime.now(UTC)
+    # Assert: due after the base wait, then after twice it, and never once it failed max_attempts times
+    assert book.retryable(60, 3, now + timedelta(seconds=30)) == []
+    assert [r.request_id for r in book.retryable(60, 3, now + timedelta(seconds=61))] == [request.request_id]
+    book.move(request.request_id, "running")
+    book.move(request.request_id, "failed", error="store outage again")
+    now = datetime.now(UTC)
+    assert book.retryable(60, 3, now + timedelta(seconds=61)) == []
+    assert len(book.retryable(60, 3, now + timedelta(seconds=121))) == 1
+    book.move(request.request_id, "running")
+    book.move(request.request_id, "failed", error="third time")
+    assert book.retryable(60, 3, datetime.now(UTC) + timedelta(days=1)) == []  # left failed, for a person
+    assert book.get(request.request_id).failures == 3
+
+
+def test_the_sweep_restarts_due_failed_requests(tmp_path, monkeypatch):
+    from components.config.runtime import Runtime
+    from components.config.sections import Config
+    from flows.operations import sweep_pending
+
+    store = LocalStore(tmp_path / "store")
+    book = RequestBook(store)
+    request = book.file("client_01", model="m")
+    book.move(request.request_id, "failed", error="boom")
+    config = Config.model_validate({"operations": {"retry_base_s": 0, "sweep_grace_s": 3600}})
+    runtime = Runtime(root=tmp_path, params_path=tmp_path / "params.yaml", store=str(tmp_path / "store"),
+                      tracking_uri="sqlite:///x.db")  # fmt: skip
+    dispatched = []
+    assert sweep_pending(config, runtime, dispatched.append) == [request.request_id]
+    assert [r.request_id for r in dispatched] == [request.request_id]

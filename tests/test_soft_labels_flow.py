@@ -42,6 +42,14 @@ def test_soft_labels_federate_register_account_bytes_and_forget(soft_label_proje
 
     # Execute: two rounds, then the deletion of one client (no teacher, to keep it small)
     summary = run_federate(project=str(soft_label_project))
+    # a soft-labels champion has no running sums: a request is checked against who trained, not against sums
+    from components.federation.protocol import UnlearningError
+    from flows.operations import request_deletion
+
+    filed, new, _ = request_deletion("client_02", "ticket", project=str(soft_label_project))
+    assert new and filed.model == "tiny" and filed.status == "pending"
+    with pytest.raises(UnlearningError, match="unknown client client_99"):
+        request_deletion("client_99", project=str(soft_label_project))
     result = unlearn(client_id="client_01", project=str(soft_label_project), overrides={"unlearn.teacher": "none"})
     # Assert: every round registered a servable global student tagged with the protocol
     runtime = Runtime.from_env(soft_label_project)
