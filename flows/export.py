@@ -23,7 +23,7 @@ from components.lineage.store import open_store
 from components.lineage.tags import manifest_ref_from_tags
 from components.models.students import build_model
 from components.unlearning.forget import protocol_of
-from components.unlearning.guard import present_clients
+from components.unlearning.guard import check_clean, present_clients
 from components.unlearning.tombstones import validate_client_id
 from flows.ledger import forgotten_for
 from flows.tracking import Tracker
@@ -48,6 +48,11 @@ def export_client_model(
         )
     history = UpdateHistory(store)
     ref = manifest_ref_from_tags(target.tags)
+    check_clean(  # a version that still holds a forgotten client exports nothing, whoever asks
+        history, store, ref, target.version, "export a client model from",
+        f"Export from {config.registry.champion_alias} or another version without them.",
+        config.registry.model_name, forgotten_for(tracker, store),
+    )  # fmt: skip
     if client_id not in present_clients(history, ref):
         raise UnlearningError(f"client {client_id} has no contributions in version {target.version}")
     manifest = history.read_manifest(ref)

@@ -137,7 +137,7 @@ def _federate(runtime: Runtime, config: Config, profile: str, fresh: bool, promo
     # few-shot: the teacher's tower + adapter + text head, or a registered student (its clients recorded)
     spec, start, origin = starting_point(runtime, config, history, spec, meta["class_names"])
     protocol = build_protocol(
-        config, runtime.data_dir(profile), store, data_version, spec, data.client_ids(), runtime.cache_dir / "fewshot"
+        config, runtime.data_dir(profile), store, data_version, spec, data.client_ids(), runtime.fewshot_cache_dir
     )
     federation_id = new_federation_id()
     # Resume (and its lineage check) first: a refused source leaves everything as it was.

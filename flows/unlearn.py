@@ -50,7 +50,14 @@ from components.lineage.tags import (
 from components.models.students import ModelSpec, build_model
 from components.unlearning.forget import forget_client, new_request_id, protocol_of
 from components.unlearning.guard import check_clean, present_clients, start_clients
-from components.unlearning.purge import prepared_files, remove_prepared_files, stored_client_objects
+from components.unlearning.purge import (
+    clear_cache,
+    derived_objects,
+    model_manifests,
+    prepared_files,
+    purge_list,
+    remove_prepared_files,
+)
 from components.unlearning.receipts import build_receipt, load_signing_key, read_receipt, sign_receipt, write_receipt
 from components.unlearning.tombstones import (
     delete_objects,
@@ -130,16 +137,17 @@ def register_task(
 @task(name="tombstone-and-purge", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=2)
 def tombstone_task(
     store_url: str, model: str, client_id: str, version: VersionInfo, heads: list[ObjectRef], data_dir: str,
-    reason: str | None,
+    cache_dir: str, reason: str | None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Tombstone the client, then purge what the manifests of ``heads`` say holds it, and its prepared shards.
+    """Tombstone the client, then purge what the manifests of ``heads`` say holds it or was derived from it,
+    its prepared shards, the feature cache built from the shards, and half-written objects.
 
     Hashes first, then the tombstone, then the deletes: a crash in between
     leaves a tombstone naming every object, and the next run deletes what is left.
     """
     store = open_store(store_url)
     tags = version.tags
-    doomed = stored_client_objects(UpdateHistory(store), heads, client_id)
+    doomed = purge_list(UpdateHistory(store), heads, client_id)  # its own records and the copies derived from it
     files = prepared_files(Path(data_dir), client_id)
     tombstone = write_tombstone(
         store, model=model, client_id=client_id, request_id=tags["request_id"], source_version=tags["source_version"],
@@ -151,7 +159,10 @@ def tombstone_task(
     purged = [ObjectRef.from_dict(ref) for ref in record.get("purged", [])]
     delete_objects(store, purged)  # the recorded ones: a rerun finishes what a crash left
     remove_prepared_files(Path(data_dir), record.get("files", []))
-    return {"tombstone": tombstone, "purged": len(purged), "files_removed": len(record.get("files", []))}
+    swept = store.sweep_temporaries()  # half-written objects a crashed write left (the model-write lock is held)
+    cleared = clear_cache(Path(cache_dir))  # features computed from every shard, the client's included
+    return {"tombstone": tombstone, "purged": len(purged), "files_removed": len(record.get("files", [])),
+            "temporaries_removed": swept, "cache_files_removed": cleared}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- flow
@@ -172,7 +183,14 @@ def _complete(
     flagged = flag_versions_task(tracker, store_url, client_id, version.version)
     heads = [manifest_ref_from_tags(v.tags) for v in tracker.versions() if "manifest_key" in v.tags]
     done = tombstone_task(
-        store_url, ctx.model, client_id, version, heads, str(ctx.runtime.data_dir(ctx.profile)), reason
+        store_url,
+        ctx.model,
+        client_id,
+        version,
+        heads,
+        str(ctx.runtime.data_dir(ctx.profile)),
+        str(ctx.runtime.fewshot_cache_dir),
+        reason,
     )
     retired = retire_task(tracker, store_url, client_id, request_id, mode, version.version)
     # Models derived from this one (a few-shot federation started from its student) hold the client too.
@@ -262,6 +280,14 @@ def unlearn(
         return _unlearn(runtime, config, client_id, version, request_id, profile, reason)
 
 
+def _derived_personal(history: UpdateHistory, source: ObjectRef, client_id: str) -> set[str]:
+    """Clients whose personal state at ``source`` was built from a model that held ``client_id`` (purged with
+    it: the deletion's version names none of them, so they start again from the clean model)."""
+    source_manifest = history.read_manifest(source)
+    derived = {ref.key for _, ref in derived_objects(history, model_manifests(history, [source]), client_id)}
+    return {cid for cid, ref in source_manifest.personal.items() if cid != client_id and ref.key in derived}
+
+
 @dataclass(frozen=True)
 class _Context:
     """What every step of one deletion shares."""
@@ -339,8 +365,6 @@ def _unlearn(
             "federate.ensemble.forget_from=initial), or opt in with --set unlearn.allow_approximate=true (the "
             "version is then tagged forgetting=approximate); nothing changed"
         )
-    # The intent is durable before anything is registered: from here every producer refuses the client.
-    record_intent(store, model=model, client_id=client_id, request_id=request_id, reason=reason)
     validated = time.perf_counter()
 
     data = FederationData(runtime.data_dir(profile) / FEDERATION_DIR)
@@ -355,6 +379,8 @@ def _unlearn(
     # 2. Forget (reads only): a refusal here (e.g. objects dropped by retention) leaves no run behind.
     result = forget_task(store_url, source_ref, source_manifest, client_id, config.unlearn.variant)
     forgotten = time.perf_counter()
+    # The intent is durable before anything is written or registered: from here every producer refuses the client.
+    record_intent(store, model=model, client_id=client_id, request_id=request_id, reason=reason)
     run_id = tracker.start_run(request_id, tags=unlearning_run_tags(
         request_id=request_id, client_id=client_id, source_version=source.version, variant=config.unlearn.variant,
         teacher=config.unlearn.teacher, flow_run_id=str(current_flow_run.id),
@@ -406,7 +432,7 @@ def _unlearn(
             data_version=server_version, metrics=metrics,
             # a protocol whose forget rebuilt the server's carried state (ensemble: the architectures' models)
             server_state=getattr(result, "server_state", None), objects=getattr(result, "objects", None),
-            registered_model=model, guarantee=guarantee,
+            registered_model=model, guarantee=guarantee, drop_personal=_derived_personal(history, source_ref, client_id),
         )  # fmt: skip
         archived = time.perf_counter()
 

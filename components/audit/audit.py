@@ -25,12 +25,13 @@ from components.core.refs import ObjectRef, sha256_bytes
 from components.core.serialize import state_from_bytes
 from components.core.state import weights_digest
 from components.federation.protocol import UnlearningError
-from components.lineage.history import manifest_objects, object_owners
+from components.lineage.history import UpdateHistory, manifest_objects, object_owners
 from components.lineage.manifests import Manifest, RoundManifest, UnlearningManifest, manifest_from_bytes
 from components.lineage.retention import dropped_objects
 from components.lineage.store import ObjectNotFound, ObjectStore, StoreError
 from components.lineage.tags import expected_version_tags
 from components.unlearning.guard import forgotten_clients, start_clients, unlearning_manifests
+from components.unlearning.purge import derived_objects
 from components.unlearning.retire import read_retirements
 from components.unlearning.tombstones import TOMBSTONE_PREFIX
 
@@ -279,11 +280,14 @@ class _Auditor:
         for what, ref in manifest_objects(manifest):
             self.check_object(what, ref, owners.get(ref.key))
 
-    def check_claims(self, deletions: set[tuple[str, str]], lineage_clients: set[str]) -> None:
-        """A record explains a missing object only if it names the object's own client (purged objects), a
-        client of this lineage (retired states), and a deletion of that client by that request."""
+    def check_claims(
+        self, deletions: set[tuple[str, str]], lineage_clients: set[str], derived: Callable[[str], set[str]]
+    ) -> None:
+        """A record explains a missing object only if it names the object's own client (purged objects; or a
+        client it was derived from, ``derived(client)`` being the keys of those copies), a client of this
+        lineage (retired states), and a deletion of that client by that request."""
         for what, key, owner, status, request_id, named in self.claims:
-            if status == "purged" and owner is not None and named != owner:
+            if status == "purged" and owner is not None and named != owner and key not in derived(str(named)):
                 problem = f"the tombstone that lists it is {named}'s, but the object is {owner}'s"
             elif status == "retired" and named not in lineage_clients:
                 problem = f"the retirement record names {named}, who is not in this lineage"
@@ -409,7 +413,18 @@ def audit(
                  if model is None or m.registered_model in (None, model)}  # fmt: skip
     deletions |= {(t["forgotten_client"], t.get("request_id", "")) for t in registry_tags(versions_by_manifest)}
     lineage_clients = {c["client_id"] for n in nodes for c in n.clients} | started
-    auditor.check_claims(deletions, lineage_clients | {f"{model}/{c}" for c in lineage_clients})
+    history = UpdateHistory(store)
+    copies: dict[str, set[str]] = {}
+
+    def derived(named: str) -> set[str]:  # the copies a deletion of ``named`` purges, from this lineage's manifests
+        if named not in copies:
+            try:
+                copies[named] = {ref.key for _, ref in derived_objects(history, chain, named)}
+            except (StoreError, ValueError, KeyError):  # a broken chain is reported by the walk itself
+                copies[named] = set()
+        return copies[named]
+
+    auditor.check_claims(deletions, lineage_clients | {f"{model}/{c}" for c in lineage_clients}, derived)
     if chain and served_weights is not None:
         _check_served(auditor, store, version, chain[0][1], served_weights, version in retired)
     report.nodes = nodes

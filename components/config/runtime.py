@@ -48,6 +48,11 @@ class Runtime(BaseModel):
         return self.cache or self.state_dir / "cache"
 
     @property
+    def fewshot_cache_dir(self) -> Path:
+        """Frozen-tower features of the few-shot federation's shards (cleared by every deletion)."""
+        return self.cache_dir / "fewshot"
+
+    @property
     def artifact_root(self) -> Path:
         return self.state_dir / "mlartifacts"
 

@@ -32,7 +32,7 @@ from it like from any round.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
@@ -270,6 +270,7 @@ class UpdateHistory:
         objects: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
         registered_model: str | None = None,
         guarantee: str | None = None,
+        drop_personal: Collection[str] = (),
     ) -> tuple[ObjectRef, UnlearningManifest]:
         """Archive a deletion: the forgotten and final states, changed sums, the manifest last.
 
@@ -277,7 +278,9 @@ class UpdateHistory:
         protocol's forget rebuilt it (ensemble distillation: the architectures'
         models without the client), so a federation resumed from this deletion
         starts without the client; ``objects`` are the forget step's own records;
-        ``registered_model`` scopes the client id, ``guarantee`` is the level given.
+        ``registered_model`` scopes the client id, ``guarantee`` is the level given;
+        ``drop_personal`` names other clients whose personal states were built
+        from a model holding the client (they start again from the clean one).
         """
         prefix = self.unlearning_prefix(request_id)
         model = source_manifest.model
@@ -326,7 +329,11 @@ class UpdateHistory:
             protocol=dict(source_manifest.protocol),
             server_state=carried,
             objects=own,
-            personal={cid: ref for cid, ref in source_manifest.personal.items() if cid != client_id},
+            personal={
+                cid: ref
+                for cid, ref in source_manifest.personal.items()
+                if cid != client_id and cid not in drop_personal
+            },
             registered_model=registered_model,
             guarantee=guarantee,
         )

@@ -107,6 +107,11 @@ class ObjectStore(ABC):
         self._put(key, data, digest)
         return ObjectRef(key, digest, len(data))
 
+    def sweep_temporaries(self, keep: tuple[str, ...] = ("requests/",)) -> int:
+        """Delete half-written objects a crashed write left behind (none by default: a store whose writes are
+        atomic has none); ``keep`` names prefixes written outside the model-write lock."""
+        return 0
+
     def get_verified(self, ref: ObjectRef) -> bytes:
         """Return the bytes of ``ref``, checked against its recorded sha256."""
         data = self.get(ref.key)
@@ -154,6 +159,19 @@ class LocalStore(ObjectStore):
             if tmp:
                 Path(tmp).unlink(missing_ok=True)
             raise
+
+    def sweep_temporaries(self, keep: tuple[str, ...] = ("requests/",)) -> int:
+        """Delete the ``.tmp-*`` files a write that crashed before its rename left (call with the model-write
+        lock held: a write in progress elsewhere under ``keep`` is left alone)."""
+        if not self.root.is_dir():
+            return 0
+        removed = 0
+        for path in self.root.rglob(".tmp-*"):
+            relative = path.relative_to(self.root).as_posix()
+            if path.is_file() and not relative.startswith(keep):
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
 
     def get(self, key: str) -> bytes:
         try:

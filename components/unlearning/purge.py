@@ -2,7 +2,19 @@
 
 The list comes from the manifests of the model's lineages, never from key
 patterns: a client id means something only inside one data partition, so
-another model's ``client_04`` (same id, other person) is never touched.
+another model's ``client_04`` (same id, other person) is never touched. Two
+kinds go:
+
+- the client's own records (:func:`client_objects`): uploads, applied
+  updates, running sums, soft labels, its personal state, its staged shards;
+- copies derived from it (:func:`derived_objects`): the server's own objects of
+  every round that held the client (per-architecture averages, consensus
+  labels, groupings, picks), and the personal states other clients built from
+  a model that held it (they start again from the clean model).
+
+What stays is the other clients' own uploads, computed from models that held
+the client: the indirect influence a ``contributions`` deletion keeps (and
+needs, to forget them exactly later).
 """
 
 from __future__ import annotations
@@ -71,15 +83,53 @@ def client_objects(manifests: Iterable[tuple[ObjectRef, Manifest]], client_id: s
     return [found[key] for key in sorted(found)]
 
 
-def stored_client_objects(history: UpdateHistory, heads: Iterable[ObjectRef], client_id: str) -> list[ObjectRef]:
-    """The client's objects still in the store, each with the sha256 of its bytes now (what a tombstone lists)."""
+def derived_objects(
+    history: UpdateHistory, manifests: Iterable[tuple[ObjectRef, Manifest]], client_id: str
+) -> list[tuple[str, ObjectRef]]:
+    """Copies of the client held by other objects: every round that the client took part in, or that started
+    from a model holding it, contributes its server objects and the personal states recorded in it."""
+    from components.unlearning.guard import present_clients, start_clients
+
+    found: dict[str, tuple[str, ObjectRef]] = {}
+    for _, manifest in manifests:
+        if not isinstance(manifest, RoundManifest):
+            continue
+        before = present_clients(history, manifest.parent) if manifest.parent else start_clients(manifest)
+        if client_id not in before and client_id not in manifest.client_ids:
+            continue
+        r = manifest.server_round
+        for name, ref in sorted(manifest.objects.items()):
+            found.setdefault(ref.key, (f"{name} (round {r}, computed with {client_id})", ref))
+        for entry in manifest.clients:
+            personal = entry.objects.get("personal")
+            if personal is not None and entry.client_id != client_id:
+                found.setdefault(personal.key, (f"personal state of {entry.client_id} (round {r}, built from a "
+                                                f"model holding {client_id})", personal))  # fmt: skip
+    return [found[key] for key in sorted(found)]
+
+
+def stored_client_objects(
+    history: UpdateHistory, heads: Iterable[ObjectRef], client_id: str, derived: bool = False
+) -> list[ObjectRef]:
+    """The client's objects still in the store (and, with ``derived``, the copies derived from it), each with
+    the sha256 of its bytes now."""
+    return [ref for _, ref in purge_list(history, heads, client_id, derived)]
+
+
+def purge_list(
+    history: UpdateHistory, heads: Iterable[ObjectRef], client_id: str, derived: bool = True
+) -> list[tuple[str, ObjectRef]]:
+    """(what, reference with the sha256 of its bytes now) of everything a deletion of the client purges: what
+    a tombstone lists."""
     store = history.store
-    refs = []
-    for _, ref in client_objects(model_manifests(history, heads), client_id):
+    manifests = model_manifests(history, heads)
+    wanted = client_objects(manifests, client_id) + (derived_objects(history, manifests, client_id) if derived else [])
+    found = []
+    for what, ref in wanted:
         if store.exists(ref.key):
             data = store.get(ref.key)
-            refs.append(ObjectRef(ref.key, sha256_bytes(data), len(data)))
-    return refs
+            found.append((what, ObjectRef(ref.key, sha256_bytes(data), len(data))))
+    return found
 
 
 # The prepared files of one client under a profile's data folder (``data/<profile>``).
@@ -107,6 +157,19 @@ def remove_prepared_files(data_dir: Path, files: Iterable[Mapping[str, Any]]) ->
     for item in files:
         path = data_dir / str(item["path"])
         if path.is_file() and path.resolve().is_relative_to(data_dir.resolve()):
+            path.unlink()
+            removed += 1
+    return removed
+
+
+def clear_cache(folder: Path) -> int:
+    """Delete every file of a derived-data cache (features computed from the shards, the client's among
+    them; rebuilt on demand). Returns how many files went."""
+    if not folder.is_dir():
+        return 0
+    removed = 0
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
             path.unlink()
             removed += 1
     return removed

@@ -133,6 +133,11 @@ def delete_objects(store: ObjectStore, refs: list[ObjectRef]) -> None:
         store.delete(ref.key)
 
 
+def _entry(item: ObjectRef | tuple[str, ObjectRef]) -> dict[str, Any]:
+    what, ref = item if isinstance(item, tuple) else (None, item)
+    return ref.to_dict() | ({"what": what} if what else {})
+
+
 def write_tombstone(
     store: ObjectStore,
     *,
@@ -143,7 +148,7 @@ def write_tombstone(
     resulting_version: str,
     variant: str,
     unlearning_manifest: ObjectRef,
-    purged: list[ObjectRef],
+    purged: list[ObjectRef] | list[tuple[str, ObjectRef]],
     reason: str | None = None,
     guarantee: str | None = None,
     files: list[dict[str, Any]] | None = None,
@@ -167,7 +172,7 @@ def write_tombstone(
         "resulting_version": resulting_version,
         "variant": variant,
         "unlearning_manifest": unlearning_manifest.to_dict(),
-        "purged": [ref.to_dict() for ref in purged],
+        "purged": [_entry(item) for item in purged],
         "reason": reason,
         "guarantee": guarantee,
         "files": list(files or []),  # prepared shard files removed from the data folder (path, sha256)
