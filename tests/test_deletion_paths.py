@@ -220,3 +220,30 @@ def test_a_record_explains_a_missing_object_only_for_its_own_client_and_request(
     kinds = {f["kind"] for f in result["report"]["findings"]}
     # Assert: the record names another client, and the registry's bound tombstone hash no longer matches
     assert {"record_mismatch", "tombstone_mismatch"} <= kinds and result["exit_code"] == 3
+
+
+def test_an_approximate_forgetting_method_is_opt_in_and_tagged_as_such(tiny_project):
+    from components.federation.protocol import UnlearningError
+    from flows.federate import run_federate
+    from flows.unlearn import unlearn
+
+    ensemble = {
+        **QUIET, "federate.protocol": "ensemble-distillation",
+        "federate.ensemble": {"epochs": 1, "forget_epochs": 1, "forget_from": "source"},
+        "clients.architectures": {"small": {"name": "cnn", "args": {"channels": [2, 4], "hidden": 8}},
+                                  "mlp": {"name": "mlp", "args": {"hidden": 16}}},
+    }  # fmt: skip
+    run_federate(project=str(tiny_project), rounds=1, overrides=ensemble)
+    tracker, store, _ = context(tiny_project)
+    before = ([v.version for v in tracker.versions()], store.list())
+    # Execute: the student re-distilled from the version's own student keeps part of the client
+    with pytest.raises(UnlearningError, match=r"guarantee approximate.*allow_approximate.*nothing changed"):
+        unlearn(client_id="client_01", project=str(tiny_project), overrides={**ensemble, **NO_TEACHER})
+    assert ([v.version for v in tracker.versions()], store.list()) == before
+    # opted in, it runs, and says so everywhere
+    done = unlearn(
+        client_id="client_01", project=str(tiny_project),
+        overrides={**ensemble, **NO_TEACHER, "unlearn.allow_approximate": True},
+    )  # fmt: skip
+    assert done["guarantee"] == "approximate" and tracker.version(done["version"]).tags["forgetting"] == "approximate"
+    assert done["receipt"]["guarantee"] == "approximate"

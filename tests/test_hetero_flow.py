@@ -107,11 +107,13 @@ def test_shared_base_exports_personal_models_and_forgetting_drops_the_head(tiny_
     audit = runner.invoke(app, ["audit", "--json"])
     assert audit.exit_code == 0, audit.output
     assert '"cnn-mlp-head"' in audit.output
-    # forgetting client_00 drops its head from the index
+    # forgetting client_00 drops its head, and the heads the others trained on a base that held it
     out = runner.invoke(app, ["unlearn", "--client", "client_00", *_sets(SHARED)])
     assert out.exit_code == 0, out.output
     deletion = history.read_manifest(manifest_ref_from_tags(tracker.alias().tags))
-    assert set(deletion.personal) == {"client_01", "client_02"}
+    assert set(deletion.personal) == set()
+    refused = runner.invoke(app, ["export", "--client", "client_01", "--out", str(tmp_path / "again.safetensors")])
+    assert refused.exit_code == 2 and "no personal head" in refused.output, refused.output
 
 
 def test_shared_base_refuses_architectures_with_another_base(tiny_project):

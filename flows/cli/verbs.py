@@ -122,9 +122,11 @@ def unlearn(
         return
     out.print(unlearn_table(result))
     out.print(
-        f"champion -> version {result['version']} (request {result['request_id']}, {result['variant']}, "
-        f"teacher {result['teacher']}); {result['purged']} archived objects of {result['client_id']} purged; "
-        f"versions still containing it, now tagged: {', '.join(result['flagged_versions']) or 'none'}"
+        f"champion -> version {result['version']} (request {result['request_id']}, guarantee {result['guarantee']}, "
+        f"{result['variant']}, teacher {result['teacher']}); {result['purged']} archived objects of "
+        f"{result['client_id']} purged; versions still containing it, now tagged: "
+        f"{', '.join(result['flagged_versions']) or 'none'}; signed receipt in the store under "
+        f"receipts/ (fedforget receipt verify FILE)"
     )
 
 
@@ -313,11 +315,12 @@ def requests(
         out_console_json({"requests": [r.to_dict() for r in found]})
         return
     table = Table(title="deletion requests")
-    for column in ("request", "client", "status", "filed", "updated", "version", "reason / error"):
+    for column in ("request", "model", "client", "status", "filed", "updated", "version", "reason / error"):
         table.add_column(column)
     for r in found:
         table.add_row(
             r.request_id,
+            r.model or "-",
             r.client_id,
             r.status,
             r.created_at[:19],

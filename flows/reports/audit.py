@@ -94,7 +94,8 @@ def render_markdown(report: AuditReport, graph_file: str | None = "lineage.png")
     for node in report.nodes:
         if node.deletion:
             d = node.deletion
-            what = f"deletion of **{d['client_id']}** ({d['variant']}, teacher {d['teacher']})"
+            what = (f"deletion of **{d['client_id']}** ({d.get('guarantee', 'unrecorded')}, {d['variant']}, "
+                    f"teacher {d['teacher']})")  # fmt: skip
         else:
             what = ", ".join(
                 f"{c['client_id']} ({c['num_examples']}, {c['weight']:.3f}{_model(c.get('model'))}{_mode(c)})"
@@ -123,12 +124,13 @@ def render_markdown(report: AuditReport, graph_file: str | None = "lineage.png")
     lines += ["", "## Deletions applied", ""]
     if report.deletions:
         lines += [
-            "| request | time | client | variant | source version | teacher run | data version |",
-            "|---|---|---|---|---|---|---|",
+            "| request | time | client | guarantee | variant | source version | teacher run | data version |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for d in report.deletions:
             lines.append(
-                f"| {d['request_id']} | {d['time']} | {d['client_id']} | {d['variant']} | {d['source_version']} | "
+                f"| {d['request_id']} | {d['time']} | {d['client_id']} | {d.get('guarantee', 'unrecorded')} | "
+                f"{d['variant']} | {d['source_version']} | "
                 f"{_short(d['teacher_run_id'])} | {_short(d['data_version'])} |"
             )
     else:
