@@ -159,19 +159,17 @@ def request_deletion(
     if existing is not None:
         return existing, False, False
     tracker = Tracker(runtime, config.registry)
-    versions = tracker.versions()
-    if not versions:
-        hint = tracker.missing("registered version", registered_model_profiles(runtime.params_path))
+    champion = tracker.alias()
+    if champion is None:
+        hint = tracker.missing(
+            f"alias {config.registry.champion_alias!r}", registered_model_profiles(runtime.params_path)
+        )
         raise UnlearningError(f"nothing to forget from: {hint}; nothing filed")
-    history = UpdateHistory(store)
-    # any protocol's record of who trained (not only running sums), in any registered version's lineage
-    if not any(
-        client_id in present_clients(history, manifest_ref_from_tags(v.tags))
-        for v in versions
-        if "manifest_key" in v.tags
-    ):
+    # any protocol's record of who trained (not only running sums): the champion's replayed lineage
+    if client_id not in present_clients(UpdateHistory(store), manifest_ref_from_tags(champion.tags)):
         raise UnlearningError(
-            f"unknown client {client_id}: no registered version of {model} holds its contributions; nothing filed"
+            f"unknown client {client_id}: champion version {champion.version} of {model} holds no contribution "
+            "of it; nothing filed"
         )
     request = book.file(client_id, reason, model=model)  # durable first ...
     return request, True, emit_request(request)  # ... then announced

@@ -32,7 +32,7 @@ from it like from any round.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
@@ -108,6 +108,17 @@ class UpdateHistory:
             manifest = self.read_manifest(ref)
             yield ref, manifest
             ref = manifest.parent
+
+    def iter_lineages(self, heads: Iterable[ObjectRef]) -> Iterator[tuple[ObjectRef, Manifest]]:
+        """Every manifest of the lineages at ``heads``, each once (a lineage shared with an earlier head is
+        left as soon as the walk reaches it), each verified."""
+        seen: set[str] = set()
+        for head in heads:
+            for ref, manifest in self.iter_lineage(head):
+                if ref.key in seen:
+                    break  # the rest of this lineage was walked from another head
+                seen.add(ref.key)
+                yield ref, manifest
 
     def client_sum(self, manifest: Manifest, client_id: str) -> StateDict:
         """The running sum of ``client_id``'s applied contributions at ``manifest``."""

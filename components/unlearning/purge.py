@@ -38,13 +38,10 @@ def model_manifests(history: UpdateHistory, heads: Iterable[ObjectRef]) -> list[
     store = history.store
     found: dict[str, tuple[ObjectRef, Manifest]] = {}
     federations: set[str] = set()
-    for head in heads:
-        for ref, manifest in history.iter_lineage(head):
-            if ref.key in found:
-                break  # the rest of this lineage was walked from another head
-            found[ref.key] = (ref, manifest)
-            if isinstance(manifest, RoundManifest):
-                federations.add(manifest.federation_id)
+    for ref, manifest in history.iter_lineages(heads):
+        found[ref.key] = (ref, manifest)
+        if isinstance(manifest, RoundManifest):
+            federations.add(manifest.federation_id)
     for federation_id in sorted(federations):
         for key in store.list(f"{UpdateHistory.federation_prefix(federation_id)}rounds/"):
             if key.endswith(f"/{MANIFEST_NAME}") and key not in found:

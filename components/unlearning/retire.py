@@ -55,15 +55,10 @@ def produced_states(manifest: Manifest) -> list[tuple[str, ObjectRef]]:
 def tainted_states(history: UpdateHistory, heads: Iterable[ObjectRef], client_id: str) -> list[tuple[str, ObjectRef]]:
     """States produced anywhere in the lineages of ``heads`` at a step that still held ``client_id``."""
     found: dict[str, tuple[str, ObjectRef]] = {}
-    seen: set[str] = set()
-    for head in heads:
-        for ref, manifest in history.iter_lineage(head):
-            if ref.key in seen:
-                break  # the rest of this lineage was walked from another head
-            seen.add(ref.key)
-            if client_id in present_clients(history, ref):
-                for what, state in produced_states(manifest):
-                    found.setdefault(state.key, (f"{what} (round {manifest.server_round})", state))
+    for ref, manifest in history.iter_lineages(heads):
+        if client_id in present_clients(history, ref):
+            for what, state in produced_states(manifest):
+                found.setdefault(state.key, (f"{what} (round {manifest.server_round})", state))
     return sorted(found.values(), key=lambda item: item[1].key)
 
 
