@@ -36,29 +36,34 @@ def soft_label_project(tmp_path, monkeypatch):
 
 
 def test_soft_labels_federate_register_account_bytes_and_forget(soft_label_project):
+    from components.core.serialize import state_from_bytes
+    from components.federation.protocol import UnlearningError
+    from flows.export import export_client_model
     from flows.federate import run_federate
+    from flows.operations import request_deletion
     from flows.tracking import Tracker
     from flows.unlearn import unlearn
 
+    runtime = Runtime.from_env(soft_label_project)
+    tracker = Tracker(runtime, load_config(runtime.params_path).registry)
+    history = UpdateHistory(open_store(runtime.store))
     # Execute: two rounds, then the deletion of one client (no teacher, to keep it small)
     summary = run_federate(project=str(soft_label_project))
     # a soft-labels champion has no running sums: a request is checked against who trained, not against sums
-    from components.federation.protocol import UnlearningError
-    from flows.operations import request_deletion
-
     filed, new, _ = request_deletion("client_02", "ticket", project=str(soft_label_project))
     assert new and filed.model == "tiny" and filed.status == "pending"
     with pytest.raises(UnlearningError, match="unknown client client_99"):
         request_deletion("client_99", project=str(soft_label_project))
+    # each client's own model is archived and served per client (before the deletion)
+    exported = export_client_model("client_00", soft_label_project / "c0.safetensors", project=str(soft_label_project))
+    champion = history.read_manifest(manifest_ref_from_tags(tracker.alias().tags))
+    personal, _ = state_from_bytes(history.store.get_verified(champion.personal["client_00"]))
     result = unlearn(client_id="client_01", project=str(soft_label_project), overrides={"unlearn.teacher": "none"})
     # Assert: every round registered a servable global student tagged with the protocol
-    runtime = Runtime.from_env(soft_label_project)
-    tracker = Tracker(runtime, load_config(runtime.params_path).registry)
     versions = tracker.versions()
     assert summary["protocol"]["name"] == "soft-labels" and summary["protocol"]["settings"]["grouping"] == "similarity"
     assert [v.tags["protocol"] for v in versions[:2]] == ["soft-labels", "soft-labels"]
     # soft labels up, far fewer bytes than the model FedAvg would send
-    history = UpdateHistory(open_store(runtime.store))
     final = history.read_manifest(manifest_ref_from_tags(versions[1].tags))
     comm = final.extra["communication"]
     assert 0 < comm["upload_bytes_total"] < comm["fedavg_upload_bytes_total"]
@@ -81,15 +86,13 @@ def test_soft_labels_federate_register_account_bytes_and_forget(soft_label_proje
     # the deletion dispatched to the protocol: a new version without the client
     assert result["status"] == "unlearned" and tracker.alias().version == result["version"]
     assert tracker.version(result["version"]).tags["forgotten_client"] == "client_01"
-    # each client's own model is archived and served per client
-    from components.core.serialize import state_from_bytes
-    from flows.export import export_client_model
-
-    after = history.read_manifest(manifest_ref_from_tags(tracker.alias().tags))
-    exported = export_client_model("client_00", soft_label_project / "c0.safetensors", project=str(soft_label_project))
     state, _ = state_from_bytes((soft_label_project / "c0.safetensors").read_bytes())
-    personal, _ = state_from_bytes(history.store.get_verified(after.personal["client_00"]))
     assert exported["protocol"] == "soft-labels" and all(torch.equal(state[k], personal[k]) for k in personal)
+    # after the deletion client_00's own model, fitted on consensus labels client_01 shaped, went with it
+    after = history.read_manifest(manifest_ref_from_tags(tracker.alias().tags))
+    assert "client_00" not in after.personal
+    with pytest.raises(UnlearningError, match="no model of its own"):
+        export_client_model("client_00", soft_label_project / "again.safetensors", project=str(soft_label_project))
     # a client with its own architecture keeps it (client_00's is an MLP), and the manifests record its spec
     first = history.read_manifest(manifest_ref_from_tags(versions[0].tags))
     assert first.protocol["architectures"]["client_00"]["name"] == "mlp"
