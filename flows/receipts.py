@@ -27,8 +27,8 @@ from components.unlearning.receipts import (
     recheck,
     verify_signature,
 )
+from flows.completion import RECEIPT_KEY_FILE
 from flows.tracking import Tracker
-from flows.unlearn import RECEIPT_KEY_FILE
 
 
 def verify_receipt_file(

@@ -19,8 +19,6 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,17 +30,16 @@ from components.config.runtime import Runtime
 from components.config.sections import Config, VerificationConfig, load_config, registered_model_profiles
 from components.core.ids import validate_id
 from components.core.refs import ObjectRef
-from components.core.state import StateDict, weights_digest
+from components.core.state import StateDict
 from components.data.datasets import Split
 from components.data.layout import FEDERATION_DIR, SERVER_DIR, FederationData, dvc_dir_hash, read_split
 from components.federation.protocol import ForgetResult, UnlearningError
 from components.learning.distill import distill, teacher_logits_for
 from components.lineage.history import UpdateHistory
 from components.lineage.manifests import Manifest, UnlearningManifest, utc_now
-from components.lineage.store import ObjectStore, open_store
+from components.lineage.store import open_store
 from components.lineage.tags import (
     TEACHER_TAINT_TAG,
-    TOMBSTONE_TAG,
     manifest_ref_from_tags,
     unlearned_version_tags,
     unlearning_run_tags,
@@ -51,31 +48,21 @@ from components.models.students import ModelSpec, build_model
 from components.unlearning.forget import forget_client, new_request_id, protocol_of
 from components.unlearning.guard import check_clean, present_clients, start_clients
 from components.unlearning.purge import (
-    clear_cache,
     derived_objects,
     model_manifests,
-    prepared_files,
-    purge_list,
-    remove_prepared_files,
 )
-from components.unlearning.receipts import build_receipt, load_signing_key, read_receipt, sign_receipt, write_receipt
 from components.unlearning.tombstones import (
-    delete_objects,
-    read_intent,
     read_tombstone,
     record_intent,
     validate_client_id,
-    write_tombstone,
 )
 from components.unlearning.verify import deletion_checks, model_from_state
+from flows.completion import DeletionContext, complete_deletion
 from flows.failpoints import failpoint
-from flows.ledger import ensure_clean_champion, forgotten_for, verified_deletion
+from flows.ledger import forgotten_for, verified_deletion
 from flows.locks import model_write_lock
-from flows.retire import derived_trackers, flag_versions_task, retire_task
 from flows.teacher import teacher_task
 from flows.tracking import Tracker, VersionInfo
-
-RECEIPT_KEY_FILE = "keys/receipt-ed25519.pem"  # under the project's state folder, unless the environment names one
 
 # --------------------------------------------------------------------------- tasks
 
@@ -134,110 +121,7 @@ def register_task(
     return version
 
 
-@task(name="tombstone-and-purge", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=2)
-def tombstone_task(
-    store_url: str, model: str, client_id: str, version: VersionInfo, heads: list[ObjectRef], data_dir: str,
-    cache_dir: str, reason: str | None,
-) -> dict[str, Any]:  # fmt: skip
-    """Tombstone the client, then purge what the manifests of ``heads`` say holds it or was derived from it,
-    its prepared shards, the feature cache built from the shards, and half-written objects.
-
-    Hashes first, then the tombstone, then the deletes: a crash in between
-    leaves a tombstone naming every object, and the next run deletes what is left.
-    """
-    store = open_store(store_url)
-    tags = version.tags
-    doomed = purge_list(UpdateHistory(store), heads, client_id)  # its own records and the copies derived from it
-    files = prepared_files(Path(data_dir), client_id)
-    tombstone = write_tombstone(
-        store, model=model, client_id=client_id, request_id=tags["request_id"], source_version=tags["source_version"],
-        resulting_version=version.version, variant=tags["forgetting_variant"],
-        unlearning_manifest=manifest_ref_from_tags(tags), purged=doomed, reason=reason,
-        guarantee=tags.get("forgetting"), files=files,
-    )  # fmt: skip
-    record = read_tombstone(store, model, client_id) or {}
-    purged = [ObjectRef.from_dict(ref) for ref in record.get("purged", [])]
-    delete_objects(store, purged)  # the recorded ones: a rerun finishes what a crash left
-    remove_prepared_files(Path(data_dir), record.get("files", []))
-    swept = store.sweep_temporaries()  # half-written objects a crashed write left (the model-write lock is held)
-    cleared = clear_cache(Path(cache_dir))  # features computed from every shard, the client's included
-    return {"tombstone": tombstone, "purged": len(purged), "files_removed": len(record.get("files", [])),
-            "temporaries_removed": swept, "cache_files_removed": cleared}  # fmt: skip
-
-
 # --------------------------------------------------------------------------- flow
-
-
-def _complete(
-    ctx: _Context, version: VersionInfo, client_id: str, reason: str | None, started_at: str
-) -> dict[str, Any]:
-    """Finish a deletion whose version is registered (after a crash or a failure, or just now).
-
-    Every step is idempotent: flag and retire the versions that still hold the
-    client (here and in derived models), tombstone and purge, keep ``champion``
-    on a clean version, bind the tombstone's hash in the registry, sign the receipt.
-    """
-    tracker, store_url = ctx.tracker, ctx.runtime.store
-    mode = ctx.config.unlearn.retire_tainted
-    request_id = version.tags["request_id"]
-    flagged = flag_versions_task(tracker, store_url, client_id, version.version)
-    heads = [manifest_ref_from_tags(v.tags) for v in tracker.versions() if "manifest_key" in v.tags]
-    done = tombstone_task(
-        store_url,
-        ctx.model,
-        client_id,
-        version,
-        heads,
-        str(ctx.runtime.data_dir(ctx.profile)),
-        str(ctx.runtime.fewshot_cache_dir),
-        reason,
-    )
-    retired = retire_task(tracker, store_url, client_id, request_id, mode, version.version)
-    # Models derived from this one (a few-shot federation started from its student) hold the client too.
-    for other in derived_trackers(tracker):
-        name = other.registry.model_name
-        qualified = f"{ctx.model}/{client_id}"
-        flagged += [f"{name}/{v}" for v in flag_versions_task(other, store_url, qualified, "")]
-        retired += [f"{name}/{v}" for v in retire_task(other, store_url, qualified, request_id, mode, "", True)]
-    moved = ensure_clean_champion(tracker, ctx.history, forgotten_for(tracker, ctx.store), version)
-    tombstone: ObjectRef = done["tombstone"]
-    tracker.set_version_tag(version.version, TOMBSTONE_TAG, tombstone.sha256)
-    receipt = receipt_task(ctx, version, client_id, tombstone, retired, flagged, started_at)
-    return {"flagged_versions": flagged, "retired_versions": retired, "champion_moved_to": moved,
-            "purged": done["purged"], "files_removed": done["files_removed"], "tombstone": tombstone.key,
-            "guarantee": version.tags.get("forgetting"), "receipt": receipt}  # fmt: skip
-
-
-@task(name="sign-receipt", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
-def receipt_task(
-    ctx: _Context, version: VersionInfo, client_id: str, tombstone: ObjectRef, retired: list[str],
-    flagged: list[str], started_at: str,
-) -> dict[str, Any]:  # fmt: skip
-    """The deletion's signed receipt (written once to the store, logged with the deletion's run)."""
-    request_id = version.tags["request_id"]
-    existing = read_receipt(ctx.store, ctx.model, request_id)
-    if existing is not None:
-        return existing
-    ref = manifest_ref_from_tags(version.tags)
-    manifest = ctx.history.read_manifest(ref)
-    intent = read_intent(ctx.store, ctx.model, client_id) or {}
-    body = build_receipt(
-        request_id=request_id, model=ctx.model, client_id=client_id, guarantee=version.tags["forgetting"],
-        source_version=version.tags["source_version"], new_version=version.version,
-        retired_versions=[v for v in retired if "/" not in v], flagged_versions=[v for v in flagged if "/" not in v],
-        unlearning_manifest=ref, tombstone=tombstone,
-        weights_sha256=weights_digest(ctx.history.read_state(manifest.global_state)),
-        verification={k: float(v) for k, v in manifest.metrics.items()},
-        times={"intent_recorded_at": intent.get("time") or "", "started_at": started_at,
-               "registered_at": manifest.created_at, "completed_at": utc_now()},
-        reason=intent.get("reason"),
-    )  # fmt: skip
-    receipt = sign_receipt(body, load_signing_key(ctx.runtime.state_dir / RECEIPT_KEY_FILE))
-    write_receipt(ctx.store, receipt)
-    if version.run_id:
-        with contextlib.suppress(Exception):  # the store's copy is the record; MLflow's is for people
-            ctx.tracker.log_dict(version.run_id, receipt, "receipt.json")
-    return receipt
 
 
 @flow(name="unlearn")
@@ -288,55 +172,16 @@ def _derived_personal(history: UpdateHistory, source: ObjectRef, client_id: str)
     return {cid for cid, ref in source_manifest.personal.items() if cid != client_id and ref.key in derived}
 
 
-@dataclass(frozen=True)
-class _Context:
-    """What every step of one deletion shares."""
-
-    runtime: Runtime
-    config: Config
-    profile: str
-    store: ObjectStore
-    history: UpdateHistory
-    tracker: Tracker
-
-    @property
-    def model(self) -> str:
-        return self.config.registry.model_name
-
-
-def _unlearn(
-    runtime: Runtime, config: Config, client_id: str, version: str | None, request_id: str,
-    profile: str, reason: str | None,
-) -> dict[str, Any]:  # fmt: skip
-    logger = get_run_logger()
-    started = time.perf_counter()
-    started_at = utc_now()
-    store_url = runtime.store
-    store = open_store(store_url)
-    history = UpdateHistory(store)
-    tracker = Tracker(runtime, config.registry)
-    ctx = _Context(runtime, config, profile, store, history, tracker)
-    model = ctx.model
-
-    # 1. Validate: already forgotten -> finish leftovers, report; registered but unfinished -> complete.
-    tombstone = read_tombstone(store, model, client_id)
-    done = verified_deletion(tracker, history, client_id)  # its manifest read: tags alone prove nothing
-    if done is not None:
-        what = "already forgotten" if tombstone else "registered but unfinished"
-        logger.info("the deletion of %s (version %s) is %s: completing it", client_id, done.version, what)
-        extra = _complete(ctx, done, client_id, reason, started_at)
-        return {"status": "already_forgotten" if tombstone else "completed", "client_id": client_id,
-                "version": done.version, "request_id": done.tags["request_id"], **extra}  # fmt: skip
-    if tombstone is not None:
-        raise UnlearningError(
-            f"{client_id} has a tombstone (request {tombstone.get('request_id')}) but no registered version of "
-            f"{model} verifies its deletion: the registry or the archive was changed. Run `fedforget audit`; "
-            "nothing changed"
-        )
+def _source_for(
+    ctx: DeletionContext, client_id: str, version: str | None
+) -> tuple[VersionInfo, ObjectRef, Manifest, str]:
+    """The version to forget ``client_id`` from, checked: clean of other forgotten clients, holding the
+    client, and with a forgetting method whose guarantee is allowed. Refusals change nothing."""
+    tracker, history, store, config, model = ctx.tracker, ctx.history, ctx.store, ctx.config, ctx.model
     source = tracker.version(version) if version else tracker.alias()
     if source is None:
         what = f"version {version}" if version else f"alias {config.registry.champion_alias!r}"
-        hint = tracker.missing(what, registered_model_profiles(runtime.params_path))
+        hint = tracker.missing(what, registered_model_profiles(ctx.runtime.params_path))
         raise UnlearningError(f"nothing to unlearn from: {hint}; nothing changed")
     source_ref = manifest_ref_from_tags(source.tags)
     source_manifest = history.read_manifest(source_ref)
@@ -365,6 +210,39 @@ def _unlearn(
             "federate.ensemble.forget_from=initial), or opt in with --set unlearn.allow_approximate=true (the "
             "version is then tagged forgetting=approximate); nothing changed"
         )
+    return source, source_ref, source_manifest, guarantee
+
+
+def _unlearn(
+    runtime: Runtime, config: Config, client_id: str, version: str | None, request_id: str,
+    profile: str, reason: str | None,
+) -> dict[str, Any]:  # fmt: skip
+    logger = get_run_logger()
+    started = time.perf_counter()
+    started_at = utc_now()
+    store_url = runtime.store
+    store = open_store(store_url)
+    history = UpdateHistory(store)
+    tracker = Tracker(runtime, config.registry)
+    ctx = DeletionContext(runtime, config, profile, store, history, tracker)
+    model = ctx.model
+
+    # 1. Validate: already forgotten -> finish leftovers, report; registered but unfinished -> complete.
+    tombstone = read_tombstone(store, model, client_id)
+    done = verified_deletion(tracker, history, client_id)  # its manifest read: tags alone prove nothing
+    if done is not None:
+        what = "already forgotten" if tombstone else "registered but unfinished"
+        logger.info("the deletion of %s (version %s) is %s: completing it", client_id, done.version, what)
+        extra = complete_deletion(ctx, done, client_id, reason, started_at)
+        return {"status": "already_forgotten" if tombstone else "completed", "client_id": client_id,
+                "version": done.version, "request_id": done.tags["request_id"], **extra}  # fmt: skip
+    if tombstone is not None:
+        raise UnlearningError(
+            f"{client_id} has a tombstone (request {tombstone.get('request_id')}) but no registered version of "
+            f"{model} verifies its deletion: the registry or the archive was changed. Run `fedforget audit`; "
+            "nothing changed"
+        )
+    source, source_ref, source_manifest, guarantee = _source_for(ctx, client_id, version)
     validated = time.perf_counter()
 
     data = FederationData(runtime.data_dir(profile) / FEDERATION_DIR)
@@ -450,7 +328,7 @@ def _unlearn(
         registered = time.perf_counter()
 
         # 8-10. Flag versions that still contain the client, tombstone, purge.
-        extra = _complete(ctx, registered_version, client_id, reason, started_at)
+        extra = complete_deletion(ctx, registered_version, client_id, reason, started_at)
         finished = time.perf_counter()
         timings = {
             "validate_s": validated - started,

@@ -53,16 +53,17 @@ def federated(tiny_project):
 
 
 def test_a_deletion_that_fails_after_registering_never_lets_a_retraining_bring_the_client_back(federated, monkeypatch):
+    import flows.completion as completion
     import flows.unlearn as module
     from flows.federate import run_federate
 
     # Prepare: the tombstone cannot be written (a store outage, a full disk) after the version is registered
-    real = module.write_tombstone
+    real = completion.write_tombstone
 
     def outage(*args, **kwargs):
         raise StoreError("simulated outage: could not write the tombstone")
 
-    monkeypatch.setattr(module, "write_tombstone", outage)
+    monkeypatch.setattr(completion, "write_tombstone", outage)
     with pytest.raises(StoreError, match="simulated outage"):
         module.unlearn(client_id="client_01", project=str(federated), overrides=NO_TEACHER, request_id="req-fail")
     _, store, _ = context(federated)
@@ -74,7 +75,7 @@ def test_a_deletion_that_fails_after_registering_never_lets_a_retraining_bring_t
     assert "client_01" in again["excluded_clients"]
     assert not champion_holds(federated, "client_01")
     # the deletion, run again, completes it and leaves champion on a clean version
-    monkeypatch.setattr(module, "write_tombstone", real)
+    monkeypatch.setattr(completion, "write_tombstone", real)
     done = module.unlearn(client_id="client_01", project=str(federated), overrides=NO_TEACHER)
     assert done["status"] == "completed" and done["request_id"] == "req-fail"
     assert read_tombstone(store, "tiny", "client_01")["request_id"] == "req-fail"

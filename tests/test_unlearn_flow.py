@@ -151,22 +151,23 @@ def test_the_other_recovery_options(tiny_project, teacher):
 
 
 def test_a_crash_after_registration_is_finished_by_the_next_run(tiny_project, monkeypatch):
+    import flows.completion as completion
     import flows.unlearn as module
     from flows.federate import run_federate
 
     run_federate(project=str(tiny_project), rounds=1)
-    real = module.tombstone_task
+    real = completion.tombstone_task
 
     def crash(*args, **kwargs):
         raise RuntimeError("simulated crash before the tombstone")
 
-    monkeypatch.setattr(module, "tombstone_task", crash)
+    monkeypatch.setattr(completion, "tombstone_task", crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
         module.unlearn(client_id="client_02", project=str(tiny_project), overrides={"unlearn.teacher": "none"})
     tracker, store, history = context(tiny_project)
     registered = tracker.find_versions(kind="unlearned", forgotten_client="client_02")
     assert len(registered) == 1 and read_tombstone(store, "tiny", "client_02") is None
-    monkeypatch.setattr(module, "tombstone_task", real)
+    monkeypatch.setattr(completion, "tombstone_task", real)
     # Execute: the same request again
     result = module.unlearn(client_id="client_02", project=str(tiny_project), overrides={"unlearn.teacher": "none"})
     # Assert: finished, not redone
