@@ -16,24 +16,17 @@ from components.lineage.history import UpdateHistory
 from components.lineage.manifests import UnlearningManifest
 from components.lineage.store import ObjectStore
 from components.lineage.tags import manifest_ref_from_tags
-from components.unlearning.guard import forgotten_clients, forgotten_in, present_clients
+from components.unlearning.guard import forgotten_clients, forgotten_in, present_clients, registry_deletions
 from flows.tracking import Tracker, VersionInfo
-
-
-def registry_deletions(tracker: Tracker) -> dict[str, dict[str, Any]]:
-    """client id -> its deletion, from the versions the registry tags ``kind=unlearned``."""
-    found: dict[str, dict[str, Any]] = {}
-    for version in tracker.versions():
-        if version.tags.get("kind") == "unlearned" and version.tags.get("forgotten_client"):
-            found.setdefault(version.tags["forgotten_client"], {
-                "source": "registry", "request_id": version.tags.get("request_id"), "version": version.version,
-            })  # fmt: skip
-    return found
 
 
 def forgotten_for(tracker: Tracker, store: ObjectStore) -> dict[str, dict[str, Any]]:
     """Every client forgotten (or being forgotten) from the tracker's model, by any record."""
-    return forgotten_clients(store, tracker.registry.model_name, also=registry_deletions(tracker))
+    return forgotten_clients(
+        store,
+        tracker.registry.model_name,
+        also=registry_deletions([{**v.tags, "_version": v.version} for v in tracker.versions()]),
+    )
 
 
 def verified_deletion(tracker: Tracker, history: UpdateHistory, client_id: str) -> VersionInfo | None:

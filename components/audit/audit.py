@@ -30,7 +30,7 @@ from components.lineage.manifests import Manifest, RoundManifest, UnlearningMani
 from components.lineage.retention import dropped_objects
 from components.lineage.store import ObjectNotFound, ObjectStore, StoreError
 from components.lineage.tags import expected_version_tags
-from components.unlearning.guard import forgotten_clients, start_clients, unlearning_manifests
+from components.unlearning.guard import forgotten_clients, registry_deletions, start_clients, unlearning_manifests
 from components.unlearning.purge import derived_objects
 from components.unlearning.retire import read_retirements
 from components.unlearning.tombstones import TOMBSTONE_PREFIX
@@ -323,8 +323,7 @@ def audit(
     # versions of this registered model (``model``: None reads every record; unnamed, older records count as its)
     mine = [r for r in retirements if model is None or r.get("model") in (None, model)]
     retired = sorted({v for r in mine for v in r.get("versions", [])}, key=int)
-    registry = {t["forgotten_client"]: {"source": "registry", "request_id": t.get("request_id")}
-                for t in registry_tags(versions_by_manifest)}  # fmt: skip
+    registry = registry_deletions(versions_by_manifest.values())
     forgotten = forgotten_clients(store, model, also=registry) if model else {**registry, **tombstones}
     report = AuditReport(version, kind, key or "", [], [], auditor.findings, sorted(forgotten), retired, client)
     if not key or not sha:

@@ -183,10 +183,12 @@ class LocalStore(ObjectStore):
         return self._path(key).is_file()
 
     def list(self, prefix: str = "") -> list[str]:
-        if not self.root.is_dir():
+        # Walk only the folder the prefix names (the guard and the purge list small prefixes of a large store).
+        folder = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
+        if not folder.is_dir() or not folder.resolve().is_relative_to(self.root):
             return []
         keys = []
-        for path in self.root.rglob("*"):
+        for path in folder.rglob("*"):
             if path.is_file() and not path.name.startswith(".tmp-"):
                 key = path.relative_to(self.root).as_posix()
                 if key.startswith(prefix):

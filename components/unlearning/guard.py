@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 from components.core.refs import ObjectRef
@@ -144,6 +144,17 @@ def forgotten_clients(store: ObjectStore, model: str, also: Forgotten | None = N
                              "request_id": manifest.request_id, "version": None})  # fmt: skip
     for client_id, record in (also or {}).items():
         found.setdefault(client_id, dict(record))
+    return found
+
+
+def registry_deletions(tags: Iterable[Mapping[str, str]]) -> dict[str, dict[str, Any]]:
+    """client id -> its deletion, from registered versions' tags (``kind=unlearned``; ``_version`` names the
+    version): the registry's record, kept outside the store."""
+    found: dict[str, dict[str, Any]] = {}
+    for t in tags:
+        if t.get("kind") == "unlearned" and t.get("forgotten_client"):
+            found.setdefault(t["forgotten_client"], {"source": "registry", "request_id": t.get("request_id"),
+                                                     "version": t.get("_version")})  # fmt: skip
     return found
 
 
