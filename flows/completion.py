@@ -11,7 +11,7 @@ registry, and sign the receipt.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,8 @@ from components.core.state import weights_digest
 from components.lineage.history import UpdateHistory
 from components.lineage.manifests import utc_now
 from components.lineage.store import ObjectStore, open_store
-from components.lineage.tags import TOMBSTONE_TAG, manifest_ref_from_tags
+from components.lineage.tags import FORGETTING_TAG, TOMBSTONE_TAG, manifest_ref_from_tags
+from components.unlearning.forget import protocol_of
 from components.unlearning.purge import clear_cache, prepared_files, purge_list, remove_prepared_files
 from components.unlearning.receipts import build_receipt, load_signing_key, read_receipt, sign_receipt, write_receipt
 from components.unlearning.tombstones import delete_objects, read_intent, read_tombstone, write_tombstone
@@ -71,7 +72,7 @@ def tombstone_task(
         store, model=model, client_id=client_id, request_id=tags["request_id"], source_version=tags["source_version"],
         resulting_version=version.version, variant=tags["forgetting_variant"],
         unlearning_manifest=manifest_ref_from_tags(tags), purged=doomed, reason=reason,
-        guarantee=tags.get("forgetting"), files=files,
+        guarantee=tags.get(FORGETTING_TAG), files=files,
     )  # fmt: skip
     record = read_tombstone(store, model, client_id) or {}
     purged = [ObjectRef.from_dict(ref) for ref in record.get("purged", [])]
@@ -95,6 +96,11 @@ def complete_deletion(
     tracker, store_url = ctx.tracker, ctx.runtime.store
     mode = ctx.config.unlearn.retire_tainted
     request_id = version.tags["request_id"]
+    if FORGETTING_TAG not in version.tags:  # a deletion from before guarantee levels: its manifest says which
+        manifest = ctx.history.read_manifest(manifest_ref_from_tags(version.tags))
+        guarantee = manifest.guarantee or protocol_of(manifest).guarantee(manifest.variant)
+        tracker.set_version_tag(version.version, FORGETTING_TAG, guarantee)
+        version = replace(version, tags={**version.tags, FORGETTING_TAG: guarantee})
     flagged = flag_versions_task(tracker, store_url, client_id, version.version)
     heads = [manifest_ref_from_tags(v.tags) for v in tracker.versions() if "manifest_key" in v.tags]
     done = tombstone_task(
@@ -137,7 +143,7 @@ def receipt_task(
     manifest = ctx.history.read_manifest(ref)
     intent = read_intent(ctx.store, ctx.model, client_id) or {}
     body = build_receipt(
-        request_id=request_id, model=ctx.model, client_id=client_id, guarantee=version.tags["forgetting"],
+        request_id=request_id, model=ctx.model, client_id=client_id, guarantee=version.tags[FORGETTING_TAG],
         source_version=version.tags["source_version"], new_version=version.version,
         retired_versions=[v for v in retired if "/" not in v], flagged_versions=[v for v in flagged if "/" not in v],
         unlearning_manifest=ref, tombstone=tombstone,

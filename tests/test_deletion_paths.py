@@ -248,3 +248,25 @@ def test_an_approximate_forgetting_method_is_opt_in_and_tagged_as_such(tiny_proj
     )  # fmt: skip
     assert done["guarantee"] == "approximate" and tracker.version(done["version"]).tags["forgetting"] == "approximate"
     assert done["receipt"]["guarantee"] == "approximate"
+
+
+def test_a_deletion_from_before_scoping_and_levels_is_completed_with_its_level_and_a_receipt(federated):
+    from flows.receipts import verify_receipt_file
+    from flows.unlearn import unlearn
+
+    unlearn(client_id="client_01", project=str(federated), overrides=NO_TEACHER)
+    tracker, store, _ = context(federated)
+    # Prepare: what an older store holds: an unscoped tombstone, no level tag, no intent, no receipt
+    scoped = tombstone_key("tiny", "client_01")
+    store.put("tombstones/client_01.json", store.get(scoped))
+    for key in (scoped, intent_key("tiny", "client_01"), *store.list("receipts/")):
+        store.delete(key)
+    tracker.client.delete_model_version_tag("tiny", "3", "forgetting")
+    # Execute: the same deletion again
+    result = unlearn(client_id="client_01", project=str(federated), overrides=NO_TEACHER)
+    # Assert: completed with the level its protocol gives, recorded again, and a receipt that verifies
+    assert result["status"] == "already_forgotten" and result["guarantee"] == "contributions"
+    assert tracker.version("3").tags["forgetting"] == "contributions"
+    path = federated.parent / "receipt.json"
+    path.write_text(json.dumps(result["receipt"]))
+    assert verify_receipt_file(path, project=str(federated))["valid"]
